@@ -525,18 +525,30 @@ def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch
                 tensors[f"{param_id}.{key}"] = value
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+    groups = [{k: v for k, v in group.items() if k not in IMPLEMENTATION_KEYS} for group in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_optimizer_state`."""
+# How an optimizer computes its update (kernel choice), not what it updates: never saved, so a
+# checkpoint resumes under any engine, and each engine keeps its own choice on load.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def unflatten_optimizer_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], current_groups: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`; ``current_groups`` (the live optimizer's
+    ``param_groups``) supply the implementation switches the checkpoint does not carry."""
     state: dict[Any, dict[str, Any]] = {}
     for name, value in tensors.items():
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     for param_id, entries in meta.get("scalars", {}).items():
         state.setdefault(int(param_id), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    groups = [dict(group) for group in meta["param_groups"]]
+    for group, live in zip(groups, current_groups or [], strict=False):
+        group.update({k: live[k] for k in IMPLEMENTATION_KEYS if k in live})
+    return {"state": state, "param_groups": groups}
 
 
 def rng_state() -> dict[str, Any]:

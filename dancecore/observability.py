@@ -42,14 +42,15 @@ _TAGS = {
 def scalar_tags(record: dict[str, Any], phase_times: dict[str, float] | None = None) -> dict[str, float]:
     """The numeric entries of a metrics record (plus phase seconds) under their logging tags.
 
-    Per-reward means (``reward/<name>``) keep their names; phase seconds become ``time/<phase>_s``;
+    Per-reward means (``reward/<name>``) and phase seconds (``time/<phase>_s``, in the record or
+    given apart) keep their names;
     any other number goes under ``metrics/``. ``iteration`` is the step, not a scalar.
     """
     out: dict[str, float] = {}
     for key, value in record.items():
         if key == "iteration" or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        tag = _TAGS.get(key) or (key if key.startswith("reward/") else f"metrics/{key}")
+        tag = _TAGS.get(key) or (key if key.startswith(("reward/", "time/")) else f"metrics/{key}")
         out[tag] = float(value)
     for phase, seconds in (phase_times or {}).items():
         out[f"time/{phase}_s"] = float(seconds)

@@ -248,6 +248,16 @@ def _column(records: list[dict[str, Any]], key: str) -> list[float]:
     return [float(r[key]) if _finite(r.get(key)) else math.nan for r in records]
 
 
+_PHASE_ORDER = ("encode", "rollout", "decode", "reward", "update")
+
+
+def _phase_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The ``time/<phase>_s`` keys present, in the order an iteration runs its phases."""
+    keys = {k for r in records for k in r if k.startswith("time/") and k.endswith("_s")}
+    rank = {f"time/{p}_s": i for i, p in enumerate(_PHASE_ORDER)}
+    return sorted(keys, key=lambda k: (rank.get(k, len(rank)), k))
+
+
 def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     rewards = [v for v in _column(records, "reward_mean") if math.isfinite(v)]
     seconds = [v for v in _column(records, "seconds") if math.isfinite(v)]
@@ -262,6 +272,12 @@ def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ]
     if seconds:
         rows += [("time", f"{sum(seconds):.1f} s, {sum(seconds) / len(seconds):.3g} s per iteration")]
+        shares = []
+        for key in _phase_keys(records):
+            spent = [v for v in _column(records, key) if math.isfinite(v)]
+            shares.append(f"{key.removeprefix('time/').removesuffix('_s')} {100 * sum(spent) / sum(seconds):.0f}%")
+        if shares:
+            rows.append(("time by phase", ", ".join(shares)))
     for key in ("skipped_updates", "reward_failures"):
         if _finite(last.get(key)):
             rows.append((key.replace("_", " "), f"{last[key]:g}"))
@@ -301,6 +317,7 @@ def render(output_dir: Path) -> str:
         window = max(2, len(records) // 20)
         reward_series.append(Series(f"rolling mean ({window})", its, rolling_mean(mean, window), PALETTE[3]))
     per_reward = sorted({k for r in records for k in r if k.startswith("reward/")})
+    phases = _phase_keys(records)
     charts = [
         line_chart("Reward: mean over samples, +/- one std", reward_series, band=band, y_label="reward"),
         line_chart(
@@ -328,7 +345,13 @@ def render(output_dir: Path) -> str:
             y_label="ratio",
         ),
         line_chart(
-            "Seconds per iteration", [Series("seconds", its, _column(records, "seconds"), PALETTE[8])], y_label="s"
+            "Seconds per iteration",
+            [Series("total", its, _column(records, "seconds"), PALETTE[8])]
+            + [
+                Series(key.removeprefix("time/").removesuffix("_s"), its, _column(records, key), PALETTE[i % len(PALETTE)])
+                for i, key in enumerate(phases)
+            ],
+            y_label="s",
         ),
         line_chart(
             "Health counters",

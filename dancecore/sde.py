@@ -7,6 +7,7 @@ calibrated to that averaging.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,19 +36,108 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per-element Gaussian log-density in fp32, averaged over all non-batch dimensions."""
+    """Per-element Gaussian log-density in fp32, averaged over all non-batch dimensions.
+
+    ``std`` is a scalar, one value per row (shape ``(B,)`` or ``(B, 1, ..., 1)``) or one per element.
+    """
     x, mean = x.float(), mean.float()
     std = std.float()
+    dims = tuple(range(1, x.ndim))
+    if std.ndim == 0 or (x.shape[0] > 0 and std.numel() == x.shape[0]):
+        std = std.reshape(-1) if std.ndim else std
+        return -(x - mean).square().mean(dim=dims) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
     log_density = -((x - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return log_density.mean(dim=tuple(range(1, x.ndim)))
+    return log_density.mean(dim=dims)
 
 
-def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a scalar or a (B,) tensor so that it broadcasts over ``like`` row by row."""
-    values = values.to(device=like.device, dtype=torch.float32)
-    if values.ndim == 0:
-        return values
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
+# ----------------------------------------------------------------------- linear-Gaussian steps
+#
+# Every step below is linear in the current latent x and the network output m:
+#     mean = a x + b m,   x0_hat = r x + u m,   next = mean + std * noise.
+# Its constants depend only on the noise levels, so a sampler computes them once per schedule
+# (``*_coefficients`` on the whole schedule) and a step is a handful of full-size operations.
+# Column order of a coefficient tensor (last dimension):
+A, B, R, U, STD, LOGP_SCALE, LOGP_SHIFT = range(7)
+_NUM_COEFFICIENTS = 7
+
+
+def _stack_coefficients(a, b, r, u, std) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """float64 pieces -> the float32 (..., 7) coefficient tensor, log-density constants included."""
+    std = torch.as_tensor(std, dtype=torch.float64)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    scale = torch.where(std > 0, -0.5 / safe**2, torch.zeros_like(std))  # multiplies mean((next - mean)^2)
+    shift = torch.where(std > 0, -torch.log(safe) - _LOG_SQRT_2PI, torch.zeros_like(std))
+    parts = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64) for v in (a, b, r, u, std, scale, shift)))
+    return torch.stack(parts, dim=-1).float()
+
+
+def flow_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+    """Constants of the rectified-flow step from ``sigma`` to ``sigma_next`` (scalars or vectors).
+
+    With ``s = sigma``, ``d = sigma - sigma_next``, ``x0 = x - s v`` and the score
+    ``-(x - (1 - s) x0) / s^2``, DanceGRPO's SDE step has mean ``x - d v + eta^2 d score / 2`` and
+    std ``eta sqrt(d)``. Expanded: ``c = eta^2 d / (2 s)``, ``mean = (1 - c) x - (d + c (1 - s)) v``.
+    ``eta = 0`` gives the Euler (ODE) step ``x - d v``.
+    """
+    s = sigma.to(torch.float64)
+    d = s - sigma_next.to(torch.float64)
+    c = eta**2 * d / (2.0 * s)
+    return _stack_coefficients(1.0 - c, -(d + c * (1.0 - s)), torch.ones_like(s), -s, eta * torch.sqrt(d))
+
+
+def ddim_coefficients(alpha_prod: torch.Tensor, alpha_prod_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """Constants of the DDIM step between cumulative alphas ``alpha_prod`` -> ``alpha_prod_prev``.
+
+    ``x0 = (x - sqrt(1 - a_t) e) / sqrt(a_t)``, ``std = eta sqrt(var)`` with
+    ``var = (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)``, and
+    ``mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) e``.
+    """
+    a_t = alpha_prod.to(torch.float64)
+    a_prev = alpha_prod_prev.to(torch.float64)
+    variance = ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).clamp(min=0.0)
+    std = eta * torch.sqrt(variance)
+    r, u = 1.0 / torch.sqrt(a_t), -torch.sqrt(1.0 - a_t) / torch.sqrt(a_t)
+    direction = torch.sqrt((1.0 - a_prev - std**2).clamp(min=0.0))
+    return _stack_coefficients(torch.sqrt(a_prev) * r, torch.sqrt(a_prev) * u + direction, r, u, std)
+
+
+def _column(coefficients: torch.Tensor, j: int, like: torch.Tensor) -> torch.Tensor:
+    """Column ``j`` shaped to broadcast over ``like`` (a scalar, or one value per row)."""
+    col = coefficients[..., j]
+    return col if col.ndim == 0 else col.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def linear_gaussian_step(
+    latents: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    *,
+    stochastic: bool = True,
+    noise: torch.Tensor | None = None,
+    next_latents: torch.Tensor | None = None,
+) -> StepResult:
+    """Apply one step given its coefficients (shape (7,) for the whole batch or (B, 7) per row).
+
+    Rollout passes ``noise``; training passes the recorded ``next_latents`` to score that
+    transition (then ``x0_hat`` carries no gradient). The log-probability is averaged over
+    non-batch dimensions (0 when not stochastic).
+    """
+    x = latents.float()
+    m = model_output.float()
+    coefficients = coefficients.to(x.device)
+    mean = torch.addcmul(_column(coefficients, A, x) * x, _column(coefficients, B, x), m)
+    with torch.no_grad() if next_latents is not None else contextlib.nullcontext():  # no gradient needed when scoring
+        x0_hat = torch.addcmul(_column(coefficients, R, x) * x, _column(coefficients, U, x), m)
+    if not stochastic:
+        zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        return StepResult(next_latents=mean.to(latents.dtype), log_prob=zeros, x0_hat=x0_hat.to(latents.dtype))
+    if next_latents is None:
+        if noise is None:
+            raise ValueError("a stochastic step needs either noise (rollout) or next_latents (training)")
+        next_latents = torch.addcmul(mean, _column(coefficients, STD, x), noise.float())
+    mean_square = (next_latents.float() - mean).square().mean(dim=tuple(range(1, x.ndim)))
+    log_prob = torch.addcmul(coefficients[..., LOGP_SHIFT], coefficients[..., LOGP_SCALE], mean_square)
+    return StepResult(next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype))
 
 
 def flow_sde_step(
@@ -60,39 +150,17 @@ def flow_sde_step(
     noise: torch.Tensor | None = None,
     next_latents: torch.Tensor | None = None,
 ) -> StepResult:
-    """One stochastic rectified-flow step (DanceGRPO's SDE) with its log-probability.
-
-    ``sigma``/``sigma_next`` are scalars or one value per row. With ``next_latents`` the given
-    transition is scored instead of sampling one (the training pass).
-    """
-    x = latents.float()
-    v = velocity.float()
-    s = _per_row(sigma, x)
-    s_next = _per_row(sigma_next, x)
-    d = s - s_next
-    x0_hat = x - s * v
-    score = -(x - (1.0 - s) * x0_hat) / s**2
-    mean = x - d * v + 0.5 * eta**2 * d * score
-    std = eta * torch.sqrt(d)
-    if next_latents is None:
-        if noise is None:
-            raise ValueError("flow_sde_step needs either noise (rollout) or next_latents (training)")
-        next_latents = mean + std * noise.float()
-    log_prob = gaussian_log_prob(next_latents, mean, std * torch.ones_like(mean))
-    return StepResult(next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype))
+    """One stochastic rectified-flow step (DanceGRPO's SDE, see :func:`flow_coefficients`) with
+    its log-probability. ``sigma``/``sigma_next`` are scalars or one value per row. With
+    ``next_latents`` the given transition is scored instead of sampling one (the training pass)."""
+    coefficients = flow_coefficients(sigma, sigma_next, eta)
+    return linear_gaussian_step(latents, velocity, coefficients, noise=noise, next_latents=next_latents)
 
 
 def flow_ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> StepResult:
     """The deterministic Euler step of the flow ODE. Its log-probability is reported as 0: such
     steps are never trained."""
-    x = latents.float()
-    v = velocity.float()
-    s = _per_row(sigma, x)
-    s_next = _per_row(sigma_next, x)
-    next_latents = x - (s - s_next) * v
-    x0_hat = x - s * v
-    zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    return StepResult(next_latents=next_latents.to(latents.dtype), log_prob=zeros, x0_hat=x0_hat.to(latents.dtype))
+    return linear_gaussian_step(latents, velocity, flow_coefficients(sigma, sigma_next, 0.0), stochastic=False)
 
 
 def ddim_step(
@@ -105,26 +173,11 @@ def ddim_step(
     noise: torch.Tensor | None = None,
     next_latents: torch.Tensor | None = None,
 ) -> StepResult:
-    """One DDIM step with stochasticity ``eta`` (eta = 1 is DDPM-like) and its log-probability.
-
-    ``alpha_prod`` is the cumulative alpha at the current timestep and ``alpha_prod_prev`` at the
-    next (less noisy) one. With ``eta == 0`` the step is deterministic and its log-prob is 0.
-    """
-    x = latents.float()
-    e = eps.float()
-    a_t = _per_row(alpha_prod, x)
-    a_prev = _per_row(alpha_prod_prev, x)
-    x0_hat = (x - torch.sqrt(1.0 - a_t) * e) / torch.sqrt(a_t)
-    variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-    std = eta * torch.sqrt(variance.clamp(min=0.0))
-    direction = torch.sqrt((1.0 - a_prev - std**2).clamp(min=0.0)) * e
-    mean = torch.sqrt(a_prev) * x0_hat + direction
-    if eta == 0.0:
-        zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        return StepResult(next_latents=mean.to(latents.dtype), log_prob=zeros, x0_hat=x0_hat.to(latents.dtype))
-    if next_latents is None:
-        if noise is None:
-            raise ValueError("ddim_step needs either noise (rollout) or next_latents (training)")
-        next_latents = mean + std * noise.float()
-    log_prob = gaussian_log_prob(next_latents, mean, std * torch.ones_like(mean))
-    return StepResult(next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype))
+    """One DDIM step with stochasticity ``eta`` (eta = 1 is DDPM-like) and its log-probability
+    (see :func:`ddim_coefficients`). ``alpha_prod`` is the cumulative alpha at the current timestep
+    and ``alpha_prod_prev`` at the next (less noisy) one. With ``eta == 0`` the step is
+    deterministic and its log-prob is 0."""
+    coefficients = ddim_coefficients(alpha_prod, alpha_prod_prev, eta)
+    return linear_gaussian_step(
+        latents, eps, coefficients, stochastic=eta != 0.0, noise=noise, next_latents=next_latents
+    )

@@ -101,6 +101,21 @@ def _padded_chunks(indices: torch.Tensor, size: int) -> Iterator[tuple[torch.Ten
         yield chunk, real
 
 
+class _RowCache:
+    """``select_rows`` of one conditioning, remembered per row pattern: the micro-batches of one
+    prompt's group all need the same rows."""
+
+    def __init__(self, cond: Any) -> None:
+        self.cond = cond
+        self.selected: dict[tuple[int, ...], Any] = {}
+
+    def rows(self, rows: torch.Tensor) -> Any:
+        key = tuple(rows.tolist())
+        if key not in self.selected:
+            self.selected[key] = select_rows(self.cond, rows)
+        return self.selected[key]
+
+
 class Trainer:
     """Runs GRPO for a validated config. Build with :meth:`from_run`, then call :meth:`train`."""
 
@@ -199,23 +214,25 @@ class Trainer:
         log_probs = torch.zeros((n, steps))
         final = torch.empty_like(initial)
         noise_gens = [generator(self.cfg.seed, "sde", iteration, int(s)) for s in sample_ids]
+        conditioning = _RowCache(cond)
         for chunk, real in _padded_chunks(torch.arange(n), self.cfg.train.micro_batch_size):
-            rows_cond = select_rows(cond, prompt_rows[chunk])
+            rows = slice(int(chunk[0]), int(chunk[0]) + real)  # chunks are consecutive rows
+            rows_cond = conditioning.rows(prompt_rows[chunk])
+            # Each sample's noise for all its steps in one draw from its own generator (the same
+            # numbers as one draw per step whenever a latent's size is a multiple of 16).
+            noise = torch.stack([torch.randn((steps, *initial.shape[1:]), generator=noise_gens[i]) for i in chunk[:real]])
+            noise = noise[torch.arange(len(chunk)).clamp(max=real - 1)].to(self.device)  # padding rows repeat the last
             x = latents[chunk, 0].to(self.device)
             for i in range(steps):
-                noise = torch.stack(
-                    [torch.randn(initial.shape[1:], generator=noise_gens[int(s)]) for s in chunk[:real]]
-                )
-                noise = torch.cat([noise, noise[-1:].expand(len(chunk) - real, *noise.shape[1:])]).to(self.device)
                 with self.autocast():
                     pred = self.policy.predict(x, schedule.timesteps[i].expand(len(chunk)), rows_cond)
                 out = self.sampler.step(
-                    schedule, i, x, pred.float(), noise=noise, deterministic=not bool(stochastic[i])
+                    schedule, i, x, pred.float(), noise=noise[:, i], deterministic=not bool(stochastic[i])
                 )
                 x = out.next_latents
-                latents[chunk[:real], i + 1] = x[:real].cpu()
-                log_probs[chunk[:real], i] = out.log_prob[:real].cpu()
-            final[chunk[:real]] = out.x0_hat[:real].cpu()
+                latents[rows, i + 1] = x[:real].cpu()
+                log_probs[rows, i] = out.log_prob[:real].cpu()
+            final[rows] = out.x0_hat[:real].cpu()
         return Trajectory(
             latents=latents,
             log_probs=log_probs,
@@ -248,7 +265,11 @@ class Trainer:
         steps = self.algorithm.select_steps(candidates, step_gens)  # (len(chosen), k)
         k = steps.shape[1]
         per_update = self.cfg.train.samples_per_update or len(chosen)
-        losses, clipfracs, ratios, norms = [], [], [], []
+        conditioning = _RowCache(cond)
+        losses: list[torch.Tensor] = []
+        clipfracs: list[torch.Tensor] = []
+        ratios: list[torch.Tensor] = []
+        norms: list[float] = []
         for start in range(0, len(chosen), per_update):
             members = torch.arange(start, min(start + per_update, len(chosen)))
             sample_idx = chosen[members].repeat_interleave(k)
@@ -260,19 +281,18 @@ class Trainer:
                 x = traj.latents[s, t].to(self.device)
                 x_next = traj.latents[s, t + 1].to(self.device)
                 with self.autocast():
-                    pred = self.policy.predict(x, schedule.timesteps[t], select_rows(cond, traj.prompt_rows[s]))
+                    pred = self.policy.predict(x, schedule.timesteps[t], conditioning.rows(traj.prompt_rows[s]))
                 out = self.sampler.step(schedule, t, x, pred.float(), next_latents=x_next)
                 adv = advantages[s].to(self.device)
                 result = self.algorithm.loss(out.log_prob, traj.log_probs[s, t].to(self.device), adv)
-                weight = (torch.arange(len(chunk), device=self.device) < real).float()
-                loss = (result.loss * weight).sum() * scale
+                loss = result.loss[:real].sum() * scale  # padding rows add nothing
                 if self.engine.any_rank(not bool(torch.isfinite(loss))):  # every rank skips together
                     finite = False
                     break
                 self.engine.backward(loss)
-                losses.append(float(loss.detach()) / scale / real)
-                clipfracs.append(float(result.clip_fraction[:real].mean()))
-                ratios.append(float(result.ratio[:real].mean()))
+                losses.append(loss.detach() / (scale * real))
+                clipfracs.append(result.clip_fraction[:real].mean())
+                ratios.append(result.ratio[:real].mean())
             if not finite:
                 self.engine.zero_grad()
                 self.skip_update("non-finite loss")
@@ -286,8 +306,8 @@ class Trainer:
             else:
                 self.skip_update("non-finite gradient norm")
 
-        def avg(values: list[float]) -> float:
-            return sum(values) / len(values) if values else math.nan
+        def avg(values: list[Any]) -> float:
+            return float(sum(float(v) for v in values) / len(values)) if values else math.nan
 
         return {"loss": avg(losses), "clip_fraction": avg(clipfracs), "ratio_mean": avg(ratios), "grad_norm": avg(norms)}
 
@@ -360,6 +380,7 @@ class Trainer:
         reduced["zero_advantage_groups"] *= self.world_size
         reduced["dropped_groups"] *= self.world_size
         record: dict[str, Any] = {"iteration": iteration, **reduced, "seconds": time.perf_counter() - began}
+        record.update({f"time/{phase}_s": seconds for phase, seconds in self.phase_times.items()})  # this rank's
         record["skipped_updates"] = self.counters["skipped_updates"]
         record["reward_failures"] = self.counters["reward_failures"]
         self.data_cursor += self.cfg.train.prompts_per_iteration
@@ -535,7 +556,7 @@ class Trainer:
                 done = it + 1
                 if self.is_main:
                     self.metrics.append(record)
-                    observers.scalars(it, record, self.phase_times)
+                    observers.scalars(it, record)
                     if self.write_samples(it, total):
                         observers.images(it, self._last_pixels, self.group_size)
                     if bar is not None:

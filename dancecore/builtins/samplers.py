@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import Field, model_validator
 
 from dancecore.config_base import ComponentConfig
 from dancecore.protocols import BuildContext
-from dancecore.sde import ddim_step, ddim_timesteps, flow_ode_step, flow_sde_step, shifted_sigmas
+from dancecore.sde import ddim_coefficients, ddim_timesteps, flow_coefficients, linear_gaussian_step, shifted_sigmas
 from dancecore.types import Schedule, StepResult
 
 
-def _as_index(index: int | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(index, dtype=torch.long)
+class _CoefficientTables:
+    """Per-step constants of a sampler's steps for a schedule, computed once per schedule (and
+    stochastic/deterministic) and indexed by step: rollout (one step for the whole batch) and
+    training (one step per row) then read the very same numbers."""
+
+    def __init__(self, build: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
+        self.build = build
+        self.tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, schedule: Schedule, eta: float) -> torch.Tensor:
+        key = (id(schedule.sigmas), eta)
+        hit = self.tables.get(key)
+        if hit is not None and hit[0] is schedule.sigmas:
+            return hit[1]
+        if len(self.tables) >= 8:  # a new schedule per iteration: keep only the recent ones
+            self.tables.clear()
+        table = self.build(schedule.sigmas[:-1], schedule.sigmas[1:], eta)
+        self.tables[key] = (schedule.sigmas, table)  # holding sigmas keeps its id from being reused
+        return table
 
 
 class FlowSDESampler:
@@ -43,6 +62,7 @@ class FlowSDESampler:
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
+        self._coefficients = _CoefficientTables(flow_coefficients)
 
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted sigmas; timesteps are the first N sigmas."""
@@ -77,12 +97,14 @@ class FlowSDESampler:
         deterministic: bool = False,
     ) -> StepResult:
         """One SDE (or, if ``deterministic``, ODE) step."""
-        idx = _as_index(index)
-        sigma, sigma_next = schedule.sigmas[idx], schedule.sigmas[idx + 1]
-        if deterministic:
-            return flow_ode_step(latents, model_output, sigma, sigma_next)
-        return flow_sde_step(
-            latents, model_output, sigma, sigma_next, self.config.eta, noise=noise, next_latents=next_latents
+        eta = 0.0 if deterministic else self.config.eta
+        return linear_gaussian_step(
+            latents,
+            model_output,
+            self._coefficients(schedule, eta)[index],
+            stochastic=not deterministic,
+            noise=noise,
+            next_latents=next_latents,
         )
 
 
@@ -110,6 +132,7 @@ class DDIMSDESampler:
         else:
             betas = torch.linspace(c.beta_start, c.beta_end, c.num_train_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self._coefficients = _CoefficientTables(ddim_coefficients)
 
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Integer timesteps; ``sigmas`` holds the cumulative alphas at them plus the final one."""
@@ -135,14 +158,12 @@ class DDIMSDESampler:
         deterministic: bool = False,
     ) -> StepResult:
         """One DDIM step (eta = 0 when ``deterministic``)."""
-        idx = _as_index(index)
         eta = 0.0 if deterministic else self.config.eta
-        return ddim_step(
+        return linear_gaussian_step(
             latents,
             model_output,
-            schedule.sigmas[idx],
-            schedule.sigmas[idx + 1],
-            eta,
+            self._coefficients(schedule, eta)[index],
+            stochastic=eta != 0.0,
             noise=noise,
             next_latents=next_latents,
         )

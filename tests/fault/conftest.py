@@ -252,6 +252,8 @@ def final_result(output_dir: Path, iteration: int = 6) -> RunResult:
     metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for record in metrics:
         record.pop("seconds", None)
+        for key in [k for k in record if k.startswith("time/")]:  # phase seconds: timings, not results
+            record.pop(key)
     return RunResult(
         sha256(final / "model.safetensors"),
         sha256(final / "optimizer.safetensors"),
