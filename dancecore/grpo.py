@@ -70,11 +70,11 @@ def clipped_policy_loss(
 ) -> LossOutput:
     """PPO clipped-ratio loss without a critic, per element: ``max(-A rho, -A clip(rho, 1-e, 1+e))``."""
     ratio = torch.exp(new_log_prob.float() - old_log_prob.float())
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped)
-    clip_fraction = ((ratio - 1.0).abs() > clip_range).float()
-    return LossOutput(loss=loss, ratio=ratio.detach(), clip_fraction=clip_fraction)
+    negative = -advantages.float()
+    loss = torch.maximum(negative * ratio, negative * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+    detached = ratio.detach()
+    clip_fraction = ((detached - 1.0).abs() > clip_range).float()
+    return LossOutput(loss=loss, ratio=detached, clip_fraction=clip_fraction)
 
 
 def trainable_steps(stochastic: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -56,9 +57,8 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 #     mean = a x + b m,   x0_hat = r x + u m,   next = mean + std * noise.
 # Its constants depend only on the noise levels, so a sampler computes them once per schedule
 # (``*_coefficients`` on the whole schedule) and a step is a handful of full-size operations.
-# Column order of a coefficient tensor (last dimension):
-A, B, R, U, STD, LOGP_SCALE, LOGP_SHIFT = range(7)
-_NUM_COEFFICIENTS = 7
+# A coefficient tensor's last dimension holds, in order: a, b, r, u, std, and the log-density's
+# scale (-1 / (2 std^2)) and shift (-log std - log sqrt(2 pi)); see :class:`StepCoefficients`.
 
 
 def _stack_coefficients(a, b, r, u, std) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -101,42 +101,68 @@ def ddim_coefficients(alpha_prod: torch.Tensor, alpha_prod_prev: torch.Tensor, e
     return _stack_coefficients(torch.sqrt(a_prev) * r, torch.sqrt(a_prev) * u + direction, r, u, std)
 
 
-def _column(coefficients: torch.Tensor, j: int, like: torch.Tensor) -> torch.Tensor:
-    """Column ``j`` shaped to broadcast over ``like`` (a scalar, or one value per row)."""
-    col = coefficients[..., j]
-    return col if col.ndim == 0 else col.reshape(-1, *([1] * (like.ndim - 1)))
+class StepCoefficients(NamedTuple):
+    """One step's constants, each a 0-d tensor (whole batch) or one value per row: ``a``..``std``
+    shaped ``(B, 1, ..., 1)`` to broadcast over a latent, ``logp_*`` shaped ``(B,)``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    r: torch.Tensor
+    u: torch.Tensor
+    std: torch.Tensor
+    logp_scale: torch.Tensor
+    logp_shift: torch.Tensor
+
+
+def split_coefficients(coefficients: torch.Tensor, latent_ndim: int) -> StepCoefficients:
+    """A ``(7,)`` or ``(B, 7)`` coefficient tensor as :class:`StepCoefficients` for latents with
+    ``latent_ndim`` dimensions."""
+    a, b, r, u, std, logp_scale, logp_shift = coefficients.unbind(-1)
+    if coefficients.ndim > 1:  # one step per row: broadcast over each row's latent
+        shape = (-1, *([1] * (latent_ndim - 1)))
+        a, b, r, u, std = (c.reshape(shape) for c in (a, b, r, u, std))
+    return StepCoefficients(a, b, r, u, std, logp_scale, logp_shift)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def linear_gaussian_step(
     latents: torch.Tensor,
     model_output: torch.Tensor,
-    coefficients: torch.Tensor,
+    coefficients: torch.Tensor | StepCoefficients,
     *,
     stochastic: bool = True,
     noise: torch.Tensor | None = None,
     next_latents: torch.Tensor | None = None,
 ) -> StepResult:
-    """Apply one step given its coefficients (shape (7,) for the whole batch or (B, 7) per row).
+    """Apply one step given its coefficients (a ``(7,)`` tensor for the whole batch, ``(B, 7)``
+    for one step per row, or already split as :class:`StepCoefficients`).
 
     Rollout passes ``noise``; training passes the recorded ``next_latents`` to score that
     transition (then ``x0_hat`` carries no gradient). The log-probability is averaged over
     non-batch dimensions (0 when not stochastic).
     """
-    x = latents.float()
-    m = model_output.float()
-    coefficients = coefficients.to(x.device)
-    mean = torch.addcmul(_column(coefficients, A, x) * x, _column(coefficients, B, x), m)
+    x = _fp32(latents)
+    m = _fp32(model_output)
+    k = (
+        coefficients
+        if isinstance(coefficients, StepCoefficients)
+        else split_coefficients(coefficients.to(x.device), x.ndim)
+    )
+    mean = torch.addcmul(k.a * x, k.b, m)
     with torch.no_grad() if next_latents is not None else contextlib.nullcontext():  # no gradient needed when scoring
-        x0_hat = torch.addcmul(_column(coefficients, R, x) * x, _column(coefficients, U, x), m)
+        x0_hat = torch.addcmul(k.r * x, k.u, m)
     if not stochastic:
         zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         return StepResult(next_latents=mean.to(latents.dtype), log_prob=zeros, x0_hat=x0_hat.to(latents.dtype))
     if next_latents is None:
         if noise is None:
             raise ValueError("a stochastic step needs either noise (rollout) or next_latents (training)")
-        next_latents = torch.addcmul(mean, _column(coefficients, STD, x), noise.float())
-    mean_square = (next_latents.float() - mean).square().mean(dim=tuple(range(1, x.ndim)))
-    log_prob = torch.addcmul(coefficients[..., LOGP_SHIFT], coefficients[..., LOGP_SCALE], mean_square)
+        next_latents = torch.addcmul(mean, k.std, _fp32(noise))
+    mean_square = (_fp32(next_latents) - mean).square().mean(dim=tuple(range(1, x.ndim)))
+    log_prob = torch.addcmul(k.logp_shift, k.logp_scale, mean_square)
     return StepResult(next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype))
 
 

@@ -101,6 +101,11 @@ def _padded_chunks(indices: torch.Tensor, size: int) -> Iterator[tuple[torch.Ten
         yield chunk, real
 
 
+def _real_rows(t: torch.Tensor, real: int) -> torch.Tensor:
+    """The first ``real`` rows of a padded micro-batch's result (the tensor itself when unpadded)."""
+    return t if t.shape[0] == real else t[:real]
+
+
 class _RowCache:
     """``select_rows`` of one conditioning, remembered per row pattern: the micro-batches of one
     prompt's group all need the same rows."""
@@ -215,24 +220,28 @@ class Trainer:
         final = torch.empty_like(initial)
         noise_gens = [generator(self.cfg.seed, "sde", iteration, int(s)) for s in sample_ids]
         conditioning = _RowCache(cond)
-        for chunk, real in _padded_chunks(torch.arange(n), self.cfg.train.micro_batch_size):
+        micro = self.cfg.train.micro_batch_size
+        step_times = [t.expand(micro) for t in schedule.timesteps.unbind()]
+        stochastic_steps = [bool(flag) for flag in stochastic.tolist()]
+        for chunk, real in _padded_chunks(torch.arange(n), micro):
             rows = slice(int(chunk[0]), int(chunk[0]) + real)  # chunks are consecutive rows
             rows_cond = conditioning.rows(prompt_rows[chunk])
             # Each sample's noise for all its steps in one draw from its own generator (the same
             # numbers as one draw per step whenever a latent's size is a multiple of 16).
             noise = torch.stack([torch.randn((steps, *initial.shape[1:]), generator=noise_gens[i]) for i in chunk[:real]])
             noise = noise[torch.arange(len(chunk)).clamp(max=real - 1)].to(self.device)  # padding rows repeat the last
+            step_noise = noise.unbind(1)
+            saved_latents = latents[rows].unbind(1)  # views: copying into them fills the trajectory
+            saved_log_probs = log_probs[rows].unbind(1)
             x = latents[chunk, 0].to(self.device)
             for i in range(steps):
                 with self.autocast():
-                    pred = self.policy.predict(x, schedule.timesteps[i].expand(len(chunk)), rows_cond)
-                out = self.sampler.step(
-                    schedule, i, x, pred.float(), noise=noise[:, i], deterministic=not bool(stochastic[i])
-                )
+                    pred = self.policy.predict(x, step_times[i], rows_cond)
+                out = self.sampler.step(schedule, i, x, pred, noise=step_noise[i], deterministic=not stochastic_steps[i])
                 x = out.next_latents
-                latents[rows, i + 1] = x[:real].cpu()
-                log_probs[rows, i] = out.log_prob[:real].cpu()
-            final[rows] = out.x0_hat[:real].cpu()
+                saved_latents[i + 1].copy_(_real_rows(x, real))
+                saved_log_probs[i].copy_(_real_rows(out.log_prob, real))
+            final[rows] = _real_rows(out.x0_hat, real).cpu()
         return Trajectory(
             latents=latents,
             log_probs=log_probs,
@@ -282,17 +291,17 @@ class Trainer:
                 x_next = traj.latents[s, t + 1].to(self.device)
                 with self.autocast():
                     pred = self.policy.predict(x, schedule.timesteps[t], conditioning.rows(traj.prompt_rows[s]))
-                out = self.sampler.step(schedule, t, x, pred.float(), next_latents=x_next)
+                out = self.sampler.step(schedule, t, x, pred, next_latents=x_next)
                 adv = advantages[s].to(self.device)
                 result = self.algorithm.loss(out.log_prob, traj.log_probs[s, t].to(self.device), adv)
-                loss = result.loss[:real].sum() * scale  # padding rows add nothing
+                loss = _real_rows(result.loss, real).sum() * scale  # padding rows add nothing
                 if self.engine.any_rank(not bool(torch.isfinite(loss))):  # every rank skips together
                     finite = False
                     break
                 self.engine.backward(loss)
                 losses.append(loss.detach() / (scale * real))
-                clipfracs.append(result.clip_fraction[:real].mean())
-                ratios.append(result.ratio[:real].mean())
+                clipfracs.append(_real_rows(result.clip_fraction, real).mean())
+                ratios.append(_real_rows(result.ratio, real).mean())
             if not finite:
                 self.engine.zero_grad()
                 self.skip_update("non-finite loss")

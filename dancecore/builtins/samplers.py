@@ -9,29 +9,39 @@ from pydantic import Field, model_validator
 
 from dancecore.config_base import ComponentConfig
 from dancecore.protocols import BuildContext
-from dancecore.sde import ddim_coefficients, ddim_timesteps, flow_coefficients, linear_gaussian_step, shifted_sigmas
+from dancecore.sde import (
+    StepCoefficients,
+    ddim_coefficients,
+    ddim_timesteps,
+    flow_coefficients,
+    linear_gaussian_step,
+    shifted_sigmas,
+    split_coefficients,
+)
 from dancecore.types import Schedule, StepResult
 
 
 class _CoefficientTables:
     """Per-step constants of a sampler's steps for a schedule, computed once per schedule (and
-    stochastic/deterministic) and indexed by step: rollout (one step for the whole batch) and
-    training (one step per row) then read the very same numbers."""
+    eta, and device) and indexed by step: rollout (one step for the whole batch) and training (one
+    step per row) then read the very same numbers."""
 
     def __init__(self, build: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
         self.build = build
-        self.tables: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tables: dict[tuple[int, float, str], tuple[torch.Tensor, torch.Tensor, list[StepCoefficients]]] = {}
 
-    def __call__(self, schedule: Schedule, eta: float) -> torch.Tensor:
-        key = (id(schedule.sigmas), eta)
+    def __call__(self, schedule: Schedule, eta: float, index: int | torch.Tensor, like: torch.Tensor) -> StepCoefficients:
+        key = (id(schedule.sigmas), eta, str(like.device))
         hit = self.tables.get(key)
-        if hit is not None and hit[0] is schedule.sigmas:
-            return hit[1]
-        if len(self.tables) >= 8:  # a new schedule per iteration: keep only the recent ones
-            self.tables.clear()
-        table = self.build(schedule.sigmas[:-1], schedule.sigmas[1:], eta)
-        self.tables[key] = (schedule.sigmas, table)  # holding sigmas keeps its id from being reused
-        return table
+        if hit is None or hit[0] is not schedule.sigmas:
+            if len(self.tables) >= 8:  # a new schedule per iteration: keep only the recent ones
+                self.tables.clear()
+            table = self.build(schedule.sigmas[:-1], schedule.sigmas[1:], eta).to(like.device)
+            per_step = [split_coefficients(row, like.ndim) for row in table]
+            hit = self.tables[key] = (schedule.sigmas, table, per_step)  # holding sigmas keeps its id unused
+        if isinstance(index, int):
+            return hit[2][index]
+        return split_coefficients(hit[1][index.to(like.device)], like.ndim)
 
 
 class FlowSDESampler:
@@ -101,7 +111,7 @@ class FlowSDESampler:
         return linear_gaussian_step(
             latents,
             model_output,
-            self._coefficients(schedule, eta)[index],
+            self._coefficients(schedule, eta, index, latents),
             stochastic=not deterministic,
             noise=noise,
             next_latents=next_latents,
@@ -162,7 +172,7 @@ class DDIMSDESampler:
         return linear_gaussian_step(
             latents,
             model_output,
-            self._coefficients(schedule, eta)[index],
+            self._coefficients(schedule, eta, index, latents),
             stochastic=eta != 0.0,
             noise=noise,
             next_latents=next_latents,
