@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the selected suites, write results, print the table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SUITES), help=f"comma-separated suites of {SUITES}")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds of the headline suite")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds of the headline suite")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--scaling-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust to other load)")
