@@ -124,7 +124,7 @@ def observability_cost(trainer: Any) -> dict[str, Any]:
             observers = open_observers(trainer.cfg.model_copy(update={"logging": logging}), Path(tmp))
         except ObservabilityError as exc:
             return {"skipped": str(exc)}
-        scalars = [timed(lambda i=i: observers.scalars(i, record, trainer.phase_times))[0] for i in range(200)]
+        scalars = [timed(lambda i=i: observers.scalars(i, record))[0] for i in range(200)]
         images = [timed(lambda i=i: observers.images(i, pixels, trainer.group_size))[0] for i in range(20)]
         observers.close()
     scalars.sort()

@@ -525,13 +525,17 @@ def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch
                 tensors[f"{param_id}.{key}"] = value
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
-    groups = [{k: v for k, v in group.items() if k not in IMPLEMENTATION_KEYS} for group in state_dict["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    return tensors, {"param_groups": [portable_param_group(g) for g in state_dict["param_groups"]], "scalars": scalars}
 
 
 # How an optimizer computes its update (kernel choice), not what it updates: never saved, so a
 # checkpoint resumes under any engine, and each engine keeps its own choice on load.
 IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def portable_param_group(group: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer ``param_group`` as a checkpoint stores it: without :data:`IMPLEMENTATION_KEYS`."""
+    return {k: v for k, v in group.items() if k not in IMPLEMENTATION_KEYS}
 
 
 def unflatten_optimizer_state(

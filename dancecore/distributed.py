@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dancecore.checkpoint import IMPLEMENTATION_KEYS, flatten_optimizer_state, unflatten_optimizer_state
+from dancecore.checkpoint import flatten_optimizer_state, portable_param_group, unflatten_optimizer_state
 from dancecore.config import ConfigError, ResolvedRun, RunConfig
 from dancecore.engine import trainable_named_parameters
 
@@ -596,11 +596,7 @@ class DeepSpeedEngine:
         the trainable parameters in order, the torch AdamW defaults plus the live hyper-parameters."""
         template = torch.optim.AdamW([torch.zeros(1)], **self.hyper).state_dict()["param_groups"][0]
         live = self.optimizer.param_groups[0]
-        group = {
-            key: live.get(key, value)
-            for key, value in template.items()
-            if key != "params" and key not in IMPLEMENTATION_KEYS
-        }
+        group = portable_param_group({key: live.get(key, value) for key, value in template.items() if key != "params"})
         group["betas"] = list(group["betas"])
         group["params"] = list(range(len(self.params)))
         return {"param_groups": [group], "scalars": {}}

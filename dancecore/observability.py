@@ -39,11 +39,10 @@ _TAGS = {
 }
 
 
-def scalar_tags(record: dict[str, Any], phase_times: dict[str, float] | None = None) -> dict[str, float]:
-    """The numeric entries of a metrics record (plus phase seconds) under their logging tags.
+def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics record under their logging tags.
 
-    Per-reward means (``reward/<name>``) and phase seconds (``time/<phase>_s``, in the record or
-    given apart) keep their names;
+    Per-reward means (``reward/<name>``) and phase seconds (``time/<phase>_s``) keep their names;
     any other number goes under ``metrics/``. ``iteration`` is the step, not a scalar.
     """
     out: dict[str, float] = {}
@@ -52,8 +51,6 @@ def scalar_tags(record: dict[str, Any], phase_times: dict[str, float] | None = N
             continue
         tag = _TAGS.get(key) or (key if key.startswith(("reward/", "time/")) else f"metrics/{key}")
         out[tag] = float(value)
-    for phase, seconds in (phase_times or {}).items():
-        out[f"time/{phase}_s"] = float(seconds)
     return out
 
 
@@ -148,10 +145,10 @@ class Observers:
                 self.writers.remove(writer)
                 self.log(f"warning: {type(writer).__name__} failed ({type(exc).__name__}: {exc}); logging to it stops")
 
-    def scalars(self, iteration: int, record: dict[str, Any], phase_times: dict[str, float] | None = None) -> None:
-        """Log an iteration's metrics record and phase seconds."""
+    def scalars(self, iteration: int, record: dict[str, Any]) -> None:
+        """Log an iteration's metrics record (phase seconds included)."""
         if self.writers:
-            values = scalar_tags(record, phase_times)
+            values = scalar_tags(record)
             self._each(lambda w: w.scalars(iteration, values))
 
     def images(self, iteration: int, pixels: torch.Tensor, columns: int | None = None) -> None:

@@ -258,6 +258,11 @@ def _phase_keys(records: list[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda k: (rank.get(k, len(rank)), k))
 
 
+def _phase_name(key: str) -> str:
+    """``time/rollout_s`` -> ``rollout``."""
+    return key.removeprefix("time/").removesuffix("_s")
+
+
 def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     rewards = [v for v in _column(records, "reward_mean") if math.isfinite(v)]
     seconds = [v for v in _column(records, "seconds") if math.isfinite(v)]
@@ -275,7 +280,7 @@ def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         shares = []
         for key in _phase_keys(records):
             spent = [v for v in _column(records, key) if math.isfinite(v)]
-            shares.append(f"{key.removeprefix('time/').removesuffix('_s')} {100 * sum(spent) / sum(seconds):.0f}%")
+            shares.append(f"{_phase_name(key)} {100 * sum(spent) / sum(seconds):.0f}%")
         if shares:
             rows.append(("time by phase", ", ".join(shares)))
     for key in ("skipped_updates", "reward_failures"):
@@ -348,7 +353,7 @@ def render(output_dir: Path) -> str:
             "Seconds per iteration",
             [Series("total", its, _column(records, "seconds"), PALETTE[8])]
             + [
-                Series(key.removeprefix("time/").removesuffix("_s"), its, _column(records, key), PALETTE[i % len(PALETTE)])
+                Series(_phase_name(key), its, _column(records, key), PALETTE[i % len(PALETTE)])
                 for i, key in enumerate(phases)
             ],
             y_label="s",

@@ -61,7 +61,9 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 # scale (-1 / (2 std^2)) and shift (-log std - log sqrt(2 pi)); see :class:`StepCoefficients`.
 
 
-def _stack_coefficients(a, b, r, u, std) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _stack_coefficients(
+    a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, u: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
     """float64 pieces -> the float32 (..., 7) coefficient tensor, log-density constants included."""
     std = torch.as_tensor(std, dtype=torch.float64)
     safe = torch.where(std > 0, std, torch.ones_like(std))

@@ -186,7 +186,8 @@ class Trainer:
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         """Add the block's duration on :attr:`clock` (wall time unless a benchmark sets CPU time) to
-        ``phase_times[phase]``, queued GPU work included; TensorBoard and ``benchmarks/`` read it."""
+        ``phase_times[phase]``, queued GPU work included; the iteration's record carries it as
+        ``time/<phase>_s`` (metrics.jsonl, TensorBoard) and ``benchmarks/`` reads it."""
         began = self.clock()
         try:
             yield
@@ -316,7 +317,7 @@ class Trainer:
                 self.skip_update("non-finite gradient norm")
 
         def avg(values: list[Any]) -> float:
-            return float(sum(float(v) for v in values) / len(values)) if values else math.nan
+            return sum(float(v) for v in values) / len(values) if values else math.nan
 
         return {"loss": avg(losses), "clip_fraction": avg(clipfracs), "ratio_mean": avg(ratios), "grad_norm": avg(norms)}
 

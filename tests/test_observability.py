@@ -36,8 +36,10 @@ def test_scalar_tags_group_metrics_and_phases() -> None:
         "new_counter": 4.0,
         "note": "text",
         "flag": True,
+        "time/rollout_s": 0.7,
+        "time/update_s": 0.6,
     }
-    tags = scalar_tags(record, {"rollout": 0.7, "update": 0.6})
+    tags = scalar_tags(record)
     assert tags == {
         "reward/mean": 0.5,
         "reward/hps": 0.3,
@@ -134,7 +136,7 @@ def test_wandb_receives_scalars_and_images(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "wandb", fake)
     config = _config(tmp_path, "logging.tensorboard=false", "logging.wandb=true", "logging.wandb_project=demo").config
     observers = open_observers(config, tmp_path / "run")
-    observers.scalars(5, {"iteration": 5, "reward_mean": 0.25}, {"rollout": 0.1})
+    observers.scalars(5, {"iteration": 5, "reward_mean": 0.25, "time/rollout_s": 0.1})
     observers.images(5, torch.zeros(2, 3, 8, 8), columns=2)
     observers.close()
     assert calls[0] == ("init", "demo")
