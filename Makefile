@@ -34,7 +34,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 quickstart: $(VENV)/.installed
-	$(BIN)/dancecore train configs/quickstart.yaml
+	$(BIN)/dancecore train configs/quickstart.yaml --resume
 
 test: $(VENV)/.installed-dev
 	$(BIN)/nox --no-error-on-missing-interpreters

@@ -387,6 +387,14 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def committed_checkpoints(output_dir: Path) -> list[Path]:
+    """The committed checkpoint directories of ``output_dir`` (verified or not), oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _COMMITTED.match(p.name))
+
+
 def plan_resume(output_dir: Path) -> ResumePlan:
     """The newest committed checkpoint that verifies, with one message per newer committed
     checkpoint skipped (and why) and per ignored leftover of an interrupted save."""

@@ -83,6 +83,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dancecore.config import load_run
 
     run = load_run(Path(args.config), args.overrides)
+    if not args.resume:  # before any model is loaded (Trainer.train checks again, on every rank)
+        from dancecore.trainer import refuse_earlier_run
+
+        refuse_earlier_run(run.config.output_dir)
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from dancecore.launch import launch_local
 

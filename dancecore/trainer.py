@@ -82,6 +82,20 @@ def check_writable(output_dir: Path) -> None:
             raise OutputDirError(f"{output_dir / child} is a symlink; refusing to write through it")
 
 
+def refuse_earlier_run(output_dir: Path) -> None:
+    """A fresh (not resumed) run must not write into another run's output_dir: its metrics would be
+    appended to the old ones, and a later ``--resume`` could pick up the old run's newer checkpoint."""
+    found = [p.name for p in ckpt.committed_checkpoints(output_dir)[-1:]]
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    if found:
+        raise OutputDirError(
+            f"output_dir {output_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
+            "or choose another output_dir (or delete that one)"
+        )
+
+
 def pick_device(name: str) -> torch.device:
     """Resolve ``train.device``."""
     if name == "auto":
@@ -540,6 +554,14 @@ class Trainer:
             for message in self.resume(allow_pickle=allow_pickle):
                 if self.is_main:
                     log(message)
+        else:
+            error: OutputDirError | None = None
+            try:
+                refuse_earlier_run(self.output_dir)
+            except OutputDirError as exc:
+                error = exc
+            if self.engine.any_rank(error is not None):  # every rank refuses together
+                raise error or OutputDirError(f"output_dir {self.output_dir} already holds a run (seen on another rank)")
         observers = open_observers(self.cfg, self.output_dir, enabled=self.is_main, log=log)  # TensorBoard, wandb
         self.stop.install()
         self.hooks.hook.dancecore_run_start(config=self.cfg, output_dir=self.output_dir)

@@ -63,6 +63,22 @@ def test_train_then_resume_via_cli(tmp_path):
     assert len(lines) == 2
 
 
+def test_a_fresh_run_refuses_an_earlier_runs_output_dir(tmp_path):
+    data = deep_update(TINY_RUN, {"output_dir": str(tmp_path / "out")})
+    path = _write(tmp_path, data)
+    assert run_cli("train", str(path), "train.iterations=1").returncode == 0
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text()
+    again = run_cli("train", str(path), "train.iterations=1")
+    assert again.returncode == 2, again.stderr
+    assert "already holds a run" in again.stderr and "--resume" in again.stderr and str(tmp_path / "out") in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics  # the earlier run is untouched
+    shown = run_cli("train", str(path), "train.iterations=1", "--resume")  # what `make quickstart` runs
+    assert shown.returncode == 0, shown.stderr
+    assert "resumed from iter-00000001" in shown.stdout + shown.stderr
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics  # a finished run is shown, not retrained
+
+
 def test_missing_weights_directory_is_a_clear_error(tmp_path):
     data = deep_update(TINY_RUN, {"output_dir": str(tmp_path / "out")})
     data["policy"] = {"name": "flux", "pretrained": str(tmp_path / "no-such-flux")}

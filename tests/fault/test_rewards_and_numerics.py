@@ -117,6 +117,7 @@ def _trainer(tiny_run, fixture_plugins, mode: str, policy: str, **train):
     from dancecore.trainer import Trainer
 
     run = tiny_run(
+        f"run-{mode}-{policy}",  # one output_dir per run: a fresh run refuses another run's directory
         rewards=[{"name": "fault-reward", "mode": mode, "from_call": 1, "times": 1}],
         reward_failure={"policy": policy, "retries": 1, "timeout_s": 2.0},
         train={"iterations": 3, **train},
