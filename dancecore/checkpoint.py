@@ -42,6 +42,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dancecore.errors import CheckpointError, CheckpointWriteError
+
 MANIFEST = "manifest.json"
 STATE = "state.json"
 FORMAT_VERSION = 1
@@ -54,8 +56,6 @@ _STAGING = re.compile(r"^iter-\d{8}\.(tmp|trash)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-class CheckpointError(Exception):
-    """No valid checkpoint, or a checkpoint could not be written (the message names the path)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _write_error(path: Path, exc: BaseException) -> CheckpointError:
             reason += " (disk full or file size limit)"
     else:
         reason = str(exc)
-    return CheckpointError(f"could not write checkpoint file {path}: {reason}")
+    return CheckpointWriteError(f"could not write checkpoint file {path}: {reason}")
 
 
 def _guarded(path: Path, write: Callable[[], object]) -> None:

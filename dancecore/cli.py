@@ -19,35 +19,20 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from dancecore.checkpoint import CheckpointError
-    from dancecore.config import ConfigError
-    from dancecore.hub import WeightsNotFoundError
-    from dancecore.observability import ObservabilityError
-    from dancecore.prompts import PromptFileError
-    from dancecore.registry import PluginError
-    from dancecore.report import ReportError
-    from dancecore.trainer import OutputDirError
-
-    return (
-        ConfigError, PluginError, PromptFileError, OutputDirError, WeightsNotFoundError, CheckpointError,
-        ObservabilityError, ReportError,
-    )
-
-
 def _report(exc: BaseException) -> int:
-    """Print an exception as one line per problem; return the exit code."""
-    from dancecore.config import ConfigError
+    """Print an exception as one line per problem; return the exit code its class encodes
+    (:class:`dancecore.errors.UserError`: 2, anything else: 1)."""
+    from dancecore.errors import ConfigError, DancecoreError
 
     if isinstance(exc, ConfigError):
         where = f" in {exc.source}" if exc.source else ""
         print(f"error: {len(exc.errors)} problem(s){where}:", file=sys.stderr)
         for message in exc.errors:
             print(f"  {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if isinstance(exc, _bad_input_errors()):
+        return exc.exit_code
+    if isinstance(exc, DancecoreError):
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exc.exit_code
     print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
     return EXIT_FAILED
 

@@ -16,16 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dancecore import registry
-
-
-class ConfigError(Exception):
-    """One or more problems with a run configuration; ``errors`` holds one message per problem."""
-
-    def __init__(self, errors: list[str], source: str | None = None) -> None:
-        self.errors = errors
-        self.source = source
-        where = f"{source}: " if source else ""
-        super().__init__(where + "; ".join(errors))
+from dancecore.errors import ConfigError
 
 
 class StrictModel(BaseModel):

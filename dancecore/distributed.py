@@ -34,6 +34,7 @@ import torch
 from dancecore.checkpoint import flatten_optimizer_state, portable_param_group, unflatten_optimizer_state
 from dancecore.config import ConfigError, ResolvedRun, RunConfig
 from dancecore.engine import trainable_named_parameters
+from dancecore.errors import ReplicaDivergence
 
 PASSTHROUGH = "distributed.deepspeed_config"
 
@@ -365,8 +366,6 @@ def _ranges(ranks: list[int]) -> str:
 # ------------------------------------------------------------------------------------ the engine
 
 
-class ReplicaDivergence(RuntimeError):
-    """Ranks that should hold identical weights do not (gradients were not synchronised)."""
 
 
 def _route_calls_through(module: torch.nn.Module, wrapper: Any) -> type:

@@ -16,14 +16,43 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dancecore.errors import WeightsNotFoundError
 
-class WeightsNotFoundError(FileNotFoundError):
-    """Model weights are neither a local directory nor in the Hugging Face cache."""
+#: ``pretrained: plugin:<name>`` names weights a plugin ships, through this entry-point group (the
+#: entry point is a zero-argument callable returning the directory).
+WEIGHTS_GROUP = "dancecore.weights"
+PLUGIN_PREFIX = "plugin:"
+
+
+def plugin_weights(name: str, what: str = "model") -> Path:
+    """The directory of weights shipped by a plugin under the ``dancecore.weights`` entry point ``name``."""
+    from importlib import metadata
+
+    found = [ep for ep in metadata.entry_points(group=WEIGHTS_GROUP) if ep.name == name]
+    if not found:
+        known = sorted({ep.name for ep in metadata.entry_points(group=WEIGHTS_GROUP)})
+        raise WeightsNotFoundError(
+            f"{what} weights {PLUGIN_PREFIX}{name}: no installed plugin ships weights named {name!r} "
+            f"(entry-point group {WEIGHTS_GROUP!r}; installed: {', '.join(known) or 'none'})"
+        )
+    entry = found[0]
+    try:
+        directory = Path(entry.load()())
+    except Exception as exc:
+        raise WeightsNotFoundError(
+            f"{what} weights {PLUGIN_PREFIX}{name}: plugin entry point {entry.value} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    if not directory.is_dir():
+        raise WeightsNotFoundError(f"{what} weights {PLUGIN_PREFIX}{name}: {directory} (from {entry.value}) is not a directory")
+    return directory
 
 
 def resolve_pretrained(source: str | Path, what: str = "model") -> Path:
-    """Return the local directory holding ``source``: a directory path, or a Hugging Face repo id
-    already present in the local cache (looked up offline)."""
+    """Return the local directory holding ``source``: a directory path, ``plugin:<name>`` (weights an
+    installed plugin ships, see :func:`plugin_weights`), or a Hugging Face repo id already present
+    in the local cache (looked up offline)."""
+    if isinstance(source, str) and source.startswith(PLUGIN_PREFIX):
+        return plugin_weights(source.removeprefix(PLUGIN_PREFIX), what)
     path = Path(source).expanduser()
     if path.is_dir():
         return path

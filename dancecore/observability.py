@@ -17,10 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-
-class ObservabilityError(Exception):
-    """A logging backend the config asks for cannot start (package missing, init failed)."""
-
+from dancecore.errors import ObservabilityError
 
 # Metric names of metrics.jsonl -> TensorBoard/wandb tags, grouped into sections.
 _TAGS = {

@@ -9,12 +9,9 @@ from pathlib import Path
 import torch
 
 from dancecore.config import PromptsConfig
+from dancecore.errors import PromptFileError
 from dancecore.seeding import derive_seed
 from dancecore.types import Prompt
-
-
-class PromptFileError(ValueError):
-    """A prompt file is missing, unreadable or malformed; the message names the file and line."""
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from dancecore.errors import PluginError
+
 KINDS: dict[str, str] = {
     "policy": "dancecore.policies",
     "sampler": "dancecore.samplers",
@@ -31,8 +33,6 @@ REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
-class PluginError(Exception):
-    """A plugin is unknown, blocked, fails to import, or does not honour its contract."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,9 @@ def load(kind: str, name: str) -> Any:
     if problems:
         raise PluginError(f"{kind} plugin {name!r} (package {package}) is invalid: {'; '.join(problems)}")
     return component
+
+
+load_plugin = load  # the public name (``dancecore.load_plugin``)
 
 
 def contract_problems(kind: str, component: Any) -> list[str]:

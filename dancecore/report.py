@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dancecore.errors import ReportError
+
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 MAX_GRIDS = 24  # sample grids embedded at most (evenly spaced, first and last always kept)
 MAX_GRID_WIDTH = 960  # pixels; larger grids are downscaled before embedding
 
 
-class ReportError(Exception):
-    """The output directory holds nothing to report on."""
 
 
 @dataclass(frozen=True)

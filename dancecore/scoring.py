@@ -24,19 +24,9 @@ from typing import Any
 import torch
 
 from dancecore.config import ResolvedRun, RewardFailureConfig
+from dancecore.errors import RewardFailure
 from dancecore.protocols import BuildContext
 from dancecore.types import RewardScores
-
-
-class RewardFailure(Exception):
-    """A reward plugin raised, hung, or returned malformed or non-finite scores."""
-
-    def __init__(self, reward: str, reason: str, plugin: str | None = None) -> None:
-        self.reward = reward
-        self.reason = reason
-        self.plugin = plugin or reward
-        named = f"reward {reward!r}" + (f" (plugin {self.plugin!r})" if self.plugin != reward else "")
-        super().__init__(f"{named} failed: {reason}")
 
 
 @dataclass(frozen=True)

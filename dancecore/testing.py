@@ -18,7 +18,32 @@ import torch
 from pydantic import ValidationError
 
 from dancecore import registry
+from dancecore.config import load_run, validate
+from dancecore.grpo import group_advantages, trainable_steps
+from dancecore.prompts import read_prompt_file
 from dancecore.protocols import BuildContext
+from dancecore.registry import contract_problems
+from dancecore.registry import load as load_plugin
+
+__all__ = [
+    "build_component",
+    "check_reward_plugin",
+    "contract_problems",
+    "group_advantages",
+    "load_plugin",
+    "load_run",
+    "read_prompt_file",
+    "sample_images",
+    "trainable_steps",
+    "validate",
+]
+
+
+def build_component(kind: str, name: str, options: dict[str, Any] | None = None, context: BuildContext | None = None) -> Any:
+    """Build the installed component ``name`` of ``kind`` ('policy', 'sampler', 'reward', 'optimizer')
+    from its options, as a run would (``cls(cls.Config(**options), context)``)."""
+    cls = load_plugin(kind, name)
+    return cls(cls.Config.model_validate(options or {}), context or BuildContext())
 
 
 def sample_images(batch: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:

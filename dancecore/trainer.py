@@ -24,6 +24,7 @@ import torch
 from dancecore import checkpoint as ckpt
 from dancecore.config import ResolvedRun
 from dancecore.engine import LocalEngine, TrainEngine
+from dancecore.errors import OutputDirError, TrainingError
 from dancecore.grpo import trainable_steps
 from dancecore.hooks import plugin_manager
 from dancecore.lr_schedule import WarmupSchedule
@@ -34,14 +35,6 @@ from dancecore.protocols import BuildContext
 from dancecore.scoring import RewardFailure, build_rewards, score_samples
 from dancecore.seeding import derive_seed, generator
 from dancecore.types import Prompt, PromptBatch, Schedule, Trajectory, select_rows
-
-
-class TrainingError(Exception):
-    """Training cannot go on (repeated non-finite updates, a reward failure under policy 'fail', ...)."""
-
-
-class OutputDirError(Exception):
-    """The output directory cannot be created or written."""
 
 
 @dataclass

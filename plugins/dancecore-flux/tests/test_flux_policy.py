@@ -6,8 +6,7 @@ import pytest
 import torch
 from dancecore_flux.policy import FluxPolicy, pack_latents, tiny_flux_dir, unpack_latents
 
-from dancecore.hub import WeightsNotFoundError
-from dancecore.types import Prompt, PromptBatch, select_rows
+from dancecore import Prompt, PromptBatch, WeightsNotFoundError, select_rows
 
 PROMPTS = PromptBatch((Prompt("a red cube", 0), Prompt("a very long prompt " * 10, 1)))
 

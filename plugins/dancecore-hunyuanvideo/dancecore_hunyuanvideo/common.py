@@ -23,8 +23,15 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from dancecore.adapters import DTYPES, NetworkOptions, prepare_trainable
-from dancecore.hub import TINY_TOKENIZER, materialise, resolve_pretrained, write_tiny_tokenizer
+from dancecore import (
+    DTYPES,
+    TINY_TOKENIZER,
+    NetworkOptions,
+    materialise,
+    prepare_trainable,
+    resolve_pretrained,
+    write_tiny_tokenizer,
+)
 
 #: Pixels per transformer token side: VAE spatial compression 8 times patch size 2.
 PIXEL_MULTIPLE = 16

@@ -21,9 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
-from dancecore.prompts import PromptFileError
-from dancecore.protocols import BuildContext
-from dancecore.types import Prompt, PromptBatch
+from dancecore import BuildContext, Prompt, PromptBatch, PromptFileError
 from dancecore_hunyuanvideo.common import TINY_DEFAULTS, HunyuanVideoOptions, load_backbone
 
 #: DanceGRPO's SkyReels setting: 400 x 640, 53 frames.

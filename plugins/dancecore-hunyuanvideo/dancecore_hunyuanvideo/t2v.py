@@ -15,8 +15,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from dancecore.protocols import BuildContext
-from dancecore.types import PromptBatch
+from dancecore import BuildContext, PromptBatch
 from dancecore_hunyuanvideo.common import TINY_DEFAULTS, HunyuanVideoOptions, load_backbone
 
 #: The paper's setting: 480p (480 x 848), 53 frames.

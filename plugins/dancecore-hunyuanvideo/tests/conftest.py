@@ -10,7 +10,7 @@ from dancecore_hunyuanvideo.skyreels_i2v import SkyReelsI2VPolicy
 from dancecore_hunyuanvideo.t2v import HunyuanVideoPolicy
 from PIL import Image
 
-from dancecore.types import Prompt, PromptBatch
+from dancecore import Prompt, PromptBatch
 
 
 @pytest.fixture(scope="session")

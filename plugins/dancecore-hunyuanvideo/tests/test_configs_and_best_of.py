@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dancecore.builtins.grpo import GRPO
-from dancecore.grpo import group_advantages
-from dancecore.types import RewardScores
+from dancecore import RewardScores
+from dancecore.testing import group_advantages, load_plugin
+
+GRPO = load_plugin('optimizer', 'grpo')  # the built-in, loaded as a run loads it
 
 ROOT = Path(__file__).resolve().parents[3]
 HUNYUAN = ROOT / "configs" / "hunyuanvideo" / "videoalign.yaml"
@@ -25,7 +26,7 @@ def at_repo_root(monkeypatch):
 
 def _load(path: Path, overrides: list[str] | None = None):
     pytest.importorskip("dancecore_rewards_videoalign", reason="install plugins/dancecore-rewards-videoalign")
-    from dancecore.config import load_run
+    from dancecore.testing import load_run
 
     return load_run(path, overrides)
 
@@ -57,7 +58,7 @@ def test_skyreels_recipe_has_the_paper_settings(at_repo_root):
 def test_skyreels_example_prompts_have_readable_images(at_repo_root):
     from dancecore_hunyuanvideo.skyreels_i2v import load_first_frame
 
-    from dancecore.prompts import read_prompt_file
+    from dancecore.testing import read_prompt_file
 
     prompts = read_prompt_file(ROOT / "configs" / "prompts" / "skyreels_i2v_example.jsonl")
     assert len(prompts) >= 3 and all(p.image for p in prompts)
@@ -74,7 +75,7 @@ def test_recipes_switch_to_tiny_presets_by_override(at_repo_root):
 
 
 def test_wrong_frame_count_in_a_recipe_is_reported_with_its_path(at_repo_root):
-    from dancecore.config import ConfigError
+    from dancecore import ConfigError
 
     with pytest.raises(ConfigError, match=r"policy.*4k \+ 1"):
         _load(HUNYUAN, ["policy.num_frames=50"])

@@ -12,10 +12,10 @@ from dancecore_hunyuanvideo.skyreels_i2v import (
 )
 from pydantic import ValidationError
 
-from dancecore import registry
-from dancecore.builtins.samplers import FlowSDESampler
-from dancecore.protocols import Policy
-from dancecore.types import Prompt, PromptBatch, select_rows
+from dancecore import Policy, Prompt, PromptBatch, select_rows
+from dancecore.testing import contract_problems, load_plugin
+
+FlowSDESampler = load_plugin('sampler', 'flow-sde')  # the built-in, loaded as a run loads it
 
 SIGMAS = torch.tensor([1.0, 0.6, 0.1])
 
@@ -42,9 +42,9 @@ def _branches(policy, latents, cond):
 
 
 def test_entry_point_honours_the_policy_contract():
-    cls = registry.load("policy", "skyreels-i2v")
+    cls = load_plugin("policy", "skyreels-i2v")
     assert cls is SkyReelsI2VPolicy
-    assert registry.contract_problems("policy", cls) == []
+    assert contract_problems("policy", cls) == []
     assert cls.prediction_type == "flow"
     assert SkyReelsI2VPolicy.Config(preset="tiny").cfg_scale == 5.0
 

@@ -25,10 +25,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from dancecore import registry
-from dancecore.config_base import ComponentConfig
-from dancecore.pixels import finite_or_raise
-from dancecore.protocols import BuildContext
+from dancecore import BuildContext, ComponentConfig, PluginError, finite_or_raise, load_plugin
 
 
 class BinaryReward:
@@ -72,8 +69,8 @@ def inner_config(spec: dict[str, Any]) -> tuple[Any, BaseModel]:
     if not isinstance(name, str) or not name:
         raise _located([(("name",), "missing", "the inner reward needs a `name` (an installed reward plugin)")])
     try:
-        inner_cls = registry.load("reward", name)
-    except registry.PluginError as exc:
+        inner_cls = load_plugin("reward", name)
+    except PluginError as exc:
         raise _located([(("name",), "plugin_error", str(exc))]) from None
     options = {k: v for k, v in spec.items() if k != "name"}
     try:

@@ -9,9 +9,8 @@ from dancecore_rewards_clip.reward import CLIPScore, tiny_clip_dir
 from PIL import Image
 from pydantic import ValidationError
 
-from dancecore import registry
-from dancecore.hub import WeightsNotFoundError
-from dancecore.protocols import Reward
+from dancecore import Reward, WeightsNotFoundError
+from dancecore.testing import contract_problems, load_plugin
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,8 @@ def _transformers_clip_score(images: torch.Tensor, prompts: list[str]) -> torch.
 
 
 def test_entry_point_honours_the_reward_contract(reward):
-    assert registry.load("reward", "clip-score") is CLIPScore
-    assert registry.contract_problems("reward", CLIPScore) == []
+    assert load_plugin("reward", "clip-score") is CLIPScore
+    assert contract_problems("reward", CLIPScore) == []
     assert isinstance(reward, Reward)
 
 

@@ -25,11 +25,16 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from dancecore.adapters import DTYPES
-from dancecore.config_base import ComponentConfig
-from dancecore.hub import WeightsNotFoundError, materialise, resolve_pretrained
-from dancecore.pixels import finite_or_raise, flatten_frames
-from dancecore.protocols import BuildContext
+from dancecore import (
+    DTYPES,
+    BuildContext,
+    ComponentConfig,
+    WeightsNotFoundError,
+    finite_or_raise,
+    flatten_frames,
+    materialise,
+    resolve_pretrained,
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

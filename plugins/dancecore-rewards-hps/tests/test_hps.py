@@ -13,9 +13,8 @@ from dancecore_rewards_hps.reward import TINY_CHECKPOINT, TINY_MODEL_CFG, HPSv21
 from PIL import Image
 from pydantic import ValidationError
 
-from dancecore import registry
-from dancecore.hub import WeightsNotFoundError
-from dancecore.protocols import Reward
+from dancecore import Reward, WeightsNotFoundError
+from dancecore.testing import contract_problems, load_plugin
 
 TINY_NAME = "dancecore-tiny-hps"
 
@@ -106,8 +105,8 @@ def _hpsv2_trained_checkpoint(directory: Path) -> Path:
 
 
 def test_entry_point_honours_the_reward_contract(reward):
-    assert registry.load("reward", "hps-v2.1") is HPSv21
-    assert registry.contract_problems("reward", HPSv21) == []
+    assert load_plugin("reward", "hps-v2.1") is HPSv21
+    assert contract_problems("reward", HPSv21) == []
     assert isinstance(reward, Reward)
 
 

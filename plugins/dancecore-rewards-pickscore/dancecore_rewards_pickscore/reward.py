@@ -24,9 +24,7 @@ from dancecore_rewards_clip.reward import (
 )
 from pydantic import Field, model_validator
 
-from dancecore.hub import materialise, resolve_pretrained, write_tiny_tokenizer
-from dancecore.pixels import finite_or_raise
-from dancecore.protocols import BuildContext
+from dancecore import BuildContext, finite_or_raise, materialise, resolve_pretrained, write_tiny_tokenizer
 
 
 class PickScore:

@@ -9,9 +9,8 @@ from dancecore_rewards_pickscore.reward import PickScore, tiny_pickscore_dir
 from PIL import Image
 from pydantic import ValidationError
 
-from dancecore import registry
-from dancecore.hub import WeightsNotFoundError
-from dancecore.protocols import Reward
+from dancecore import Reward, WeightsNotFoundError
+from dancecore.testing import contract_problems, load_plugin
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,8 @@ def _reference_pickscore(images: torch.Tensor, prompts: list[str]) -> torch.Tens
 
 
 def test_entry_point_honours_the_reward_contract(reward):
-    assert registry.load("reward", "pickscore") is PickScore
-    assert registry.contract_problems("reward", PickScore) == []
+    assert load_plugin("reward", "pickscore") is PickScore
+    assert contract_problems("reward", PickScore) == []
     assert isinstance(reward, Reward)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dancecore.hub import resolve_pretrained
+from dancecore import resolve_pretrained
 from dancecore_rewards_videoalign.reward import REWARD_TOKENS, VideoAlignError
 
 #: VideoAlign's published mean and standard deviation of its raw scores.

@@ -34,10 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from dancecore.config_base import ComponentConfig
-from dancecore.hub import resolve_pretrained
-from dancecore.pixels import check_pixels
-from dancecore.protocols import BuildContext
+from dancecore import BuildContext, ComponentConfig, check_pixels, resolve_pretrained
 
 HEADS = ("VQ", "MQ", "TA")
 Head = Literal["VQ", "MQ", "TA"]

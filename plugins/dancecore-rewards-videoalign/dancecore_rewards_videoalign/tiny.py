@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dancecore.hub import materialise
+from dancecore import materialise
 from dancecore_rewards_videoalign.reward import REWARD_TOKENS
 
 #: Qwen2-VL's chat and vision tokens, then VideoAlign's reward tokens.

@@ -18,9 +18,8 @@ from dancecore_rewards_videoalign.reward import (
 from dancecore_rewards_videoalign.tiny import tiny_videoalign_dir
 from pydantic import ValidationError
 
-from dancecore import registry
-from dancecore.hub import WeightsNotFoundError
-from dancecore.protocols import Reward
+from dancecore import Reward, WeightsNotFoundError
+from dancecore.testing import contract_problems, load_plugin
 
 SMALL = {"min_pixels": 28 * 28 * 4, "max_pixels": 56 * 84}
 
@@ -42,8 +41,8 @@ PROMPTS = ["a cat", "a dog surfing", "fireworks over a lake"]
 
 
 def test_entry_point_honours_the_reward_contract(reward):
-    assert registry.load("reward", "videoalign") is VideoAlignReward
-    assert registry.contract_problems("reward", VideoAlignReward) == []
+    assert load_plugin("reward", "videoalign") is VideoAlignReward
+    assert contract_problems("reward", VideoAlignReward) == []
     assert isinstance(reward, Reward)
 
 

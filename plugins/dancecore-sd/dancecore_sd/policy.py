@@ -18,10 +18,17 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from dancecore.adapters import DTYPES, NetworkOptions, prepare_trainable
-from dancecore.hub import TINY_TOKENIZER, materialise, resolve_pretrained, write_tiny_tokenizer
-from dancecore.protocols import BuildContext
-from dancecore.types import PromptBatch
+from dancecore import (
+    DTYPES,
+    TINY_TOKENIZER,
+    BuildContext,
+    NetworkOptions,
+    PromptBatch,
+    materialise,
+    prepare_trainable,
+    resolve_pretrained,
+    write_tiny_tokenizer,
+)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dancecore.config import load_run
+from dancecore.testing import load_run
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPES = ["configs/sd/hps.yaml", "configs/sd/hps_clip.yaml", "configs/flux/hps.yaml", "configs/flux/hps_clip.yaml"]

@@ -7,11 +7,10 @@ import torch
 from dancecore_sd.policy import SDConditioning, StableDiffusionPolicy, tiny_sd_dir
 from pydantic import ValidationError
 
-from dancecore import registry
-from dancecore.builtins.samplers import DDIMSDESampler
-from dancecore.hub import WeightsNotFoundError
-from dancecore.protocols import Policy
-from dancecore.types import Prompt, PromptBatch, select_rows
+from dancecore import Policy, Prompt, PromptBatch, WeightsNotFoundError, select_rows
+from dancecore.testing import contract_problems, load_plugin
+
+DDIMSDESampler = load_plugin('sampler', 'ddim-sde')  # the built-in, loaded as a run loads it
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +28,9 @@ def _noise(policy: StableDiffusionPolicy, n: int, seed: int = 0) -> torch.Tensor
 
 
 def test_entry_point_honours_the_policy_contract():
-    cls = registry.load("policy", "sd")
+    cls = load_plugin("policy", "sd")
     assert cls is StableDiffusionPolicy
-    assert registry.contract_problems("policy", cls) == []
+    assert contract_problems("policy", cls) == []
     assert cls.prediction_type == DDIMSDESampler.prediction_type == "epsilon"
 
 

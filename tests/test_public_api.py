@@ -1,0 +1,67 @@
+"""The public API: ``import dancecore`` (lazy re-exports) and ``dancecore.testing`` are all a plugin imports."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dancecore
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED = {"dancecore", "dancecore.testing"}
+
+
+def _core_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of a ``dancecore`` module in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module]
+        elif isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        else:
+            continue
+        found += [(node.lineno, m) for m in modules if m == "dancecore" or m.startswith("dancecore.")]
+    return found
+
+
+def _plugin_files() -> list[Path]:
+    return sorted(p for top in ("plugins", "examples") for p in (ROOT / top).rglob("*.py"))
+
+
+def test_plugins_and_examples_import_only_the_public_api() -> None:
+    offending = [
+        f"{path.relative_to(ROOT)}:{line}: imports {module}"
+        for path in _plugin_files()
+        for line, module in _core_imports(path)
+        if module not in ALLOWED
+    ]
+    assert not offending, "plugins may import only `dancecore` and `dancecore.testing`:\n" + "\n".join(offending)
+
+
+def test_the_check_itself_catches_a_private_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from dancecore.trainer import Trainer\nimport dancecore.sde as s\nfrom dancecore import Policy\n")
+    assert [m for _, m in _core_imports(bad)] == ["dancecore.trainer", "dancecore.sde", "dancecore"]
+
+
+@pytest.mark.parametrize("name", sorted(dancecore._EXPORTS))
+def test_every_public_name_resolves(name: str) -> None:
+    value = getattr(dancecore, name)
+    assert value is not None
+    assert name in dir(dancecore)
+
+
+def test_unknown_public_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'Polcy'"):
+        dancecore.Polcy  # noqa: B018
+
+
+def test_import_dancecore_is_cheap() -> None:
+    code = "import sys, dancecore; print(sorted(m for m in ('torch', 'pydantic', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
