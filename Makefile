@@ -46,7 +46,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/nox -s lint
 
 docs: $(VENV)/.installed
-	$(BIN)/python -m dancecore.docgen > docs/config-reference.md
+	$(BIN)/python -m dancecore.config.docgen > docs/config-reference.md
 
 clean:
 	rm -rf $(VENV) outputs .nox

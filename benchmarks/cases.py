@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from dancecore.config import apply_overrides, load_yaml_file, validate
-from dancecore.grpo import trainable_steps
-from dancecore.trainer import Trainer
-from dancecore.types import PromptBatch, select_rows
+from dancecore.config.schema import apply_overrides, load_yaml_file, validate
+from dancecore.contracts.records import PromptBatch, select_rows
+from dancecore.functional.grpo import trainable_steps
+from dancecore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.cases import build_trainer
 from benchmarks.reference_loop import ReferenceLoop, ReferenceSettings
-from dancecore.trainer import Trainer
+from dancecore.training.trainer import Trainer
 
 # Largest differences accepted as rounding (fp32, batch 8 against batch 1). Weights are compared in
 # units of the learning rate: AdamW moves each weight by about lr per step, so a gradient element

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dancecore.seeding import generator
+from dancecore.functional.seeding import generator
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def suite_headline(args: argparse.Namespace) -> dict[str, Any]:
 
 def observability_cost(trainer: Any) -> dict[str, Any]:
     """What TensorBoard logging adds per iteration (scalars) and per saved sample grid (image)."""
-    from dancecore.observability import ObservabilityError, open_observers
+    from dancecore.outputs.observers import ObservabilityError, open_observers
 
     record = trainer.iteration(2000)
     pixels = trainer._last_pixels

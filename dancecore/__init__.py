@@ -17,39 +17,45 @@ __version__ = "0.1.0"
 #: public name -> the core module that defines it.
 _EXPORTS: dict[str, str] = {
     # contracts
-    "Policy": "dancecore.protocols",
-    "Sampler": "dancecore.protocols",
-    "Reward": "dancecore.protocols",
-    "Optimizer": "dancecore.protocols",
-    "BuildContext": "dancecore.protocols",
+    "Policy": "dancecore.contracts.protocols",
+    "Sampler": "dancecore.contracts.protocols",
+    "Reward": "dancecore.contracts.protocols",
+    "Algorithm": "dancecore.contracts.protocols",
+    "StatefulAlgorithm": "dancecore.contracts.protocols",
+    "TrainingServices": "dancecore.contracts.protocols",
+    "WindowedSampler": "dancecore.contracts.protocols",
+    "Optimizer": "dancecore.contracts.protocols",
+    "BuildContext": "dancecore.contracts.protocols",
     # records that flow between components
-    "Prompt": "dancecore.types",
-    "PromptBatch": "dancecore.types",
-    "Schedule": "dancecore.types",
-    "StepResult": "dancecore.types",
-    "Trajectory": "dancecore.types",
-    "RewardScores": "dancecore.types",
-    "LossOutput": "dancecore.types",
-    "select_rows": "dancecore.types",
+    "Prompt": "dancecore.contracts.records",
+    "PromptBatch": "dancecore.contracts.records",
+    "Schedule": "dancecore.contracts.records",
+    "StepResult": "dancecore.contracts.records",
+    "Trajectory": "dancecore.contracts.records",
+    "Rollout": "dancecore.contracts.records",
+    "Transitions": "dancecore.contracts.records",
+    "RewardScores": "dancecore.contracts.records",
+    "LossOutput": "dancecore.contracts.records",
+    "select_rows": "dancecore.contracts.records",
     # component configuration
-    "ComponentConfig": "dancecore.config_base",
-    "NetworkOptions": "dancecore.adapters",
-    "LoraOptions": "dancecore.adapters",
-    "DTYPES": "dancecore.adapters",
-    "prepare_trainable": "dancecore.adapters",
+    "ComponentConfig": "dancecore.contracts.component",
+    "NetworkOptions": "dancecore.plugin_kit.network",
+    "LoraOptions": "dancecore.plugin_kit.network",
+    "DTYPES": "dancecore.plugin_kit.network",
+    "prepare_trainable": "dancecore.plugin_kit.network",
     # weights and tiny presets
-    "resolve_pretrained": "dancecore.hub",
-    "plugin_weights": "dancecore.hub",
-    "materialise": "dancecore.hub",
-    "cache_root": "dancecore.hub",
-    "write_tiny_tokenizer": "dancecore.hub",
-    "TINY_TOKENIZER": "dancecore.hub",
-    "TinyTokenizerIds": "dancecore.hub",
+    "resolve_pretrained": "dancecore.plugin_kit.weights",
+    "plugin_weights": "dancecore.plugin_kit.weights",
+    "materialise": "dancecore.plugin_kit.weights",
+    "cache_root": "dancecore.plugin_kit.weights",
+    "write_tiny_tokenizer": "dancecore.plugin_kit.weights",
+    "TINY_TOKENIZER": "dancecore.plugin_kit.weights",
+    "TinyTokenizerIds": "dancecore.plugin_kit.weights",
     # pixel checks for rewards
-    "check_pixels": "dancecore.pixels",
-    "flatten_frames": "dancecore.pixels",
-    "finite_or_raise": "dancecore.pixels",
-    "FlatFrames": "dancecore.pixels",
+    "check_pixels": "dancecore.plugin_kit.pixels",
+    "flatten_frames": "dancecore.plugin_kit.pixels",
+    "finite_or_raise": "dancecore.plugin_kit.pixels",
+    "FlatFrames": "dancecore.plugin_kit.pixels",
     # errors
     "DancecoreError": "dancecore.errors",
     "UserError": "dancecore.errors",
@@ -67,11 +73,15 @@ _EXPORTS: dict[str, str] = {
     # lifecycle hooks
     "hookimpl": "dancecore.hooks",
     # seeded generators (a policy or sampler that draws its own noise)
-    "generator": "dancecore.seeding",
-    "derive_seed": "dancecore.seeding",
+    "generator": "dancecore.functional.seeding",
+    "derive_seed": "dancecore.functional.seeding",
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+from dancecore import _compat  # noqa: E402  (old module paths as aliases, for one release)
+
+_compat.install()
 
 
 def __getattr__(name: str) -> Any:
@@ -88,8 +98,30 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static checkers see the real names
-    from dancecore.adapters import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
-    from dancecore.config_base import ComponentConfig
+    from dancecore.contracts.component import ComponentConfig
+    from dancecore.contracts.protocols import (
+        Algorithm,
+        BuildContext,
+        Optimizer,
+        Policy,
+        Reward,
+        Sampler,
+        StatefulAlgorithm,
+        TrainingServices,
+        WindowedSampler,
+    )
+    from dancecore.contracts.records import (
+        LossOutput,
+        Prompt,
+        PromptBatch,
+        RewardScores,
+        Rollout,
+        Schedule,
+        StepResult,
+        Trajectory,
+        Transitions,
+        select_rows,
+    )
     from dancecore.errors import (
         CheckpointError,
         ConfigError,
@@ -103,8 +135,11 @@ if TYPE_CHECKING:  # static checkers see the real names
         UserError,
         WeightsNotFoundError,
     )
+    from dancecore.functional.seeding import derive_seed, generator
     from dancecore.hooks import hookimpl
-    from dancecore.hub import (
+    from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
+    from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
+    from dancecore.plugin_kit.weights import (
         TINY_TOKENIZER,
         TinyTokenizerIds,
         cache_root,
@@ -113,17 +148,4 @@ if TYPE_CHECKING:  # static checkers see the real names
         resolve_pretrained,
         write_tiny_tokenizer,
     )
-    from dancecore.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
-    from dancecore.protocols import BuildContext, Optimizer, Policy, Reward, Sampler
     from dancecore.registry import load_plugin
-    from dancecore.seeding import derive_seed, generator
-    from dancecore.types import (
-        LossOutput,
-        Prompt,
-        PromptBatch,
-        RewardScores,
-        Schedule,
-        StepResult,
-        Trajectory,
-        select_rows,
-    )

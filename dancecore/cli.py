@@ -44,12 +44,12 @@ def configs_root() -> Path:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate a config (structure and every component's options) without loading any model."""
-    from dancecore.config import load_run
+    from dancecore.config.schema import load_run
 
     run = load_run(Path(args.config), args.overrides)
     if run.config.distributed.backend == "deepspeed":
-        from dancecore.config import ConfigError
-        from dancecore.distributed import deepspeed_config
+        from dancecore.config.schema import ConfigError
+        from dancecore.distributed.config import deepspeed_config
 
         try:  # passthrough conflicts are config errors too (deepspeed itself is not needed here)
             deepspeed_config(run.config, check_with_deepspeed=False)
@@ -65,23 +65,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; with ``--nproc N`` start N local ranks (DeepSpeed)."""
-    from dancecore.config import load_run
+    from dancecore.config.schema import load_run
 
     run = load_run(Path(args.config), args.overrides)
     if not args.resume:  # before any model is loaded (Trainer.train checks again, on every rank)
-        from dancecore.trainer import refuse_earlier_run
+        from dancecore.training.trainer import refuse_earlier_run
 
         refuse_earlier_run(run.config.output_dir)
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from dancecore.launch import launch_local
+        from dancecore.distributed.launch import launch_local
 
         return launch_local(args)
     if run.config.distributed.backend == "deepspeed" or "LOCAL_RANK" in os.environ:
-        from dancecore.distributed import train_distributed
+        from dancecore.training.run import train_distributed
 
         status = train_distributed(run, resume=args.resume, allow_pickle=args.allow_pickle)
     else:
-        from dancecore.trainer import Trainer
+        from dancecore.training.trainer import Trainer
 
         status = Trainer(run).train(resume=args.resume, allow_pickle=args.allow_pickle)
     out = run.config.output_dir
@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if status == "stopped":
         print(f"stopped by signal; checkpoint saved under {out / 'checkpoints'} (continue with --resume)")
     else:
-        from dancecore.outputs import MetricsLog, reward_summary
+        from dancecore.outputs.images import MetricsLog, reward_summary
 
         summary = reward_summary(MetricsLog(out / "metrics.jsonl").read())
         if summary:
@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score base weights or a checkpoint with deterministic sampling; write tables and a grid."""
-    from dancecore.config import load_run
+    from dancecore.config.schema import load_run
     from dancecore.evaluate import evaluate
 
     run = load_run(Path(args.config), args.overrides)
@@ -163,7 +163,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of a run's output directory."""
-    from dancecore.report import write_report
+    from dancecore.outputs.report import write_report
 
     path = write_report(Path(args.output_dir), Path(args.output) if args.output else None)
     print(f"report written to {path}")

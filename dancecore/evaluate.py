@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from dancecore.checkpoint import CheckpointError, find_latest, read_checkpoint
-from dancecore.config import ResolvedRun
-from dancecore.engine import load_trainable
-from dancecore.outputs import save_grid
-from dancecore.prompts import load_prompts, read_prompt_file
-from dancecore.protocols import BuildContext
-from dancecore.scoring import build_rewards, score_samples
-from dancecore.seeding import generator
-from dancecore.trainer import check_writable, pick_device
-from dancecore.types import PromptBatch, select_rows
+from dancecore.config.schema import ResolvedRun
+from dancecore.contracts.protocols import BuildContext
+from dancecore.contracts.records import PromptBatch, select_rows
+from dancecore.functional.seeding import generator
+from dancecore.outputs.images import save_grid
+from dancecore.training.engine import load_trainable
+from dancecore.training.prompts import load_prompts, read_prompt_file
+from dancecore.training.scoring import build_rewards, score_samples
+from dancecore.training.trainer import check_writable, pick_device
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _write_outputs(
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
     save_grid(pixels, output_dir / "grid.png", columns if columns > 1 else None)
     if pixels.ndim == 5:  # videos: every sample as a clip too
-        from dancecore.video import write_video
+        from dancecore.outputs.video import write_video
 
         for n, row in enumerate(rows):
             write_video(pixels[n], output_dir / "videos" / f"prompt{row['prompt_index']:04d}-sample{row['sample']:02d}.mp4")

@@ -21,14 +21,19 @@ KINDS: dict[str, str] = {
     "policy": "dancecore.policies",
     "sampler": "dancecore.samplers",
     "reward": "dancecore.rewards",
-    "optimizer": "dancecore.optimizers",
+    "algorithm": "dancecore.algorithms",
+    "optimizer": "dancecore.optimizers",  # the old name of the algorithm group; still searched
 }
+
+#: A kind whose plugins may also be registered under an older group name.
+OLD_GROUPS: dict[str, str] = {"algorithm": "dancecore.optimizers"}
 
 #: Methods each kind of component must have (checked when a plugin loads).
 REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
     "policy": ("encode_prompts", "initial_noise", "predict", "decode", "trainable_parameters"),
     "sampler": ("schedule", "step"),
     "reward": ("score",),
+    "algorithm": ("train",),
     "optimizer": ("advantages", "select_samples", "select_steps", "loss"),
 }
 
@@ -76,14 +81,28 @@ def installed(kind: str | None = None) -> list[PluginInfo]:
     return sorted(found, key=lambda p: (list(KINDS).index(p.kind), p.name))
 
 
-def _entry_point(kind: str, name: str) -> metadata.EntryPoint:
+def _package(ep: metadata.EntryPoint) -> str:
+    return ep.dist.metadata["Name"] if ep.dist is not None else "?"
+
+
+def _entry_point(kind: str, name: str) -> tuple[metadata.EntryPoint, str]:
+    """The entry point of ``name`` and the kind whose contract it honours (an algorithm found only
+    in the old ``dancecore.optimizers`` group honours the ``optimizer`` contract)."""
     if kind not in KINDS:
         raise PluginError(f"unknown component kind {kind!r}; expected one of {sorted(KINDS)}")
-    matches = [ep for ep in metadata.entry_points(group=KINDS[kind]) if ep.name == name]
-    if not matches:
-        names = sorted({ep.name for ep in metadata.entry_points(group=KINDS[kind])})
-        raise PluginError(f"no {kind} plugin named {name!r} is installed (installed: {', '.join(names) or 'none'})")
-    return matches[0]
+    searched = [(kind, KINDS[kind])] + ([("optimizer", OLD_GROUPS[kind])] if kind in OLD_GROUPS else [])
+    for contract, group in searched:
+        matches = [ep for ep in metadata.entry_points(group=group) if ep.name == name]
+        packages = sorted({_package(ep) for ep in matches})
+        if len(packages) > 1:
+            raise PluginError(
+                f"{kind} plugin name {name!r} is registered by more than one package ({', '.join(packages)}): "
+                "uninstall one of them"
+            )
+        if matches:
+            return matches[0], contract
+    names = sorted({ep.name for _, group in searched for ep in metadata.entry_points(group=group)})
+    raise PluginError(f"no {kind} plugin named {name!r} is installed (installed: {', '.join(names) or 'none'})")
 
 
 def load(kind: str, name: str) -> Any:
@@ -94,15 +113,15 @@ def load(kind: str, name: str) -> Any:
     """
     if is_blocked(kind, name):
         raise PluginError(f"{kind} plugin {name!r} is blocked by DANCECORE_BLOCK_PLUGINS")
-    ep = _entry_point(kind, name)
-    package = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+    ep, contract = _entry_point(kind, name)
+    package = _package(ep)
     try:
         component = ep.load()
     except Exception as exc:  # any import-time failure of third-party code
         raise PluginError(
             f"{kind} plugin {name!r} (package {package}, {ep.value}) failed to import: {type(exc).__name__}: {exc}"
         ) from exc
-    problems = contract_problems(kind, component)
+    problems = contract_problems(contract, component)
     if problems:
         raise PluginError(f"{kind} plugin {name!r} (package {package}) is invalid: {'; '.join(problems)}")
     return component

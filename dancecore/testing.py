@@ -18,12 +18,13 @@ import torch
 from pydantic import ValidationError
 
 from dancecore import registry
-from dancecore.config import load_run, validate
-from dancecore.grpo import group_advantages, trainable_steps
-from dancecore.prompts import read_prompt_file
-from dancecore.protocols import BuildContext
+from dancecore.config.schema import load_run, validate
+from dancecore.contracts.protocols import BuildContext
+from dancecore.functional.grpo import group_advantages, trainable_steps
+from dancecore.outputs.video import write_video
 from dancecore.registry import contract_problems
 from dancecore.registry import load as load_plugin
+from dancecore.training.prompts import read_prompt_file
 
 __all__ = [
     "build_component",
@@ -36,6 +37,7 @@ __all__ = [
     "sample_images",
     "trainable_steps",
     "validate",
+    "write_video",
 ]
 
 

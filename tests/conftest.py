@@ -46,7 +46,7 @@ def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]
 @pytest.fixture
 def tiny_run(tmp_path: Path):
     """Factory: a validated tiny run (``ResolvedRun``) writing under ``tmp_path``."""
-    from dancecore.config import validate
+    from dancecore.config.schema import validate
 
     def make(output: str = "run", **updates: Any):
         data = deep_update(TINY_RUN, {"output_dir": str(tmp_path / output), **updates})

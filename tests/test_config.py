@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dancecore.config import ConfigError, apply_overrides, load_run, parse_yaml, validate
+from dancecore.config.schema import ConfigError, apply_overrides, load_run, parse_yaml, validate
 from tests.conftest import TINY_RUN, deep_update
 
 

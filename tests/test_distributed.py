@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dancecore.config import ConfigError, RunConfig
-from dancecore.distributed import _ranges, deepspeed_config, generated_config
-from dancecore.launch import rank_command, supervise
-from dancecore.trainer import Trainer
+from dancecore.config.schema import ConfigError, RunConfig
+from dancecore.distributed.config import deepspeed_config, generated_config
+from dancecore.distributed.launch import rank_command, supervise
+from dancecore.distributed.process import _ranges
+from dancecore.training.trainer import Trainer
 
 
 def run_config(**sections: dict) -> RunConfig:
@@ -146,7 +147,7 @@ def test_combinations_dancecore_cannot_run_name_the_key(distributed: dict, train
 
 
 def test_offload_flags_are_checked_with_the_config() -> None:
-    from dancecore.config import validate
+    from dancecore.config.schema import validate
 
     base = {
         "output_dir": "unused",
@@ -271,7 +272,7 @@ def _launcher(script: Path, out: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-c",
-            "import sys; from dancecore.launch import supervise; sys.exit(supervise(sys.argv[1:]))",
+            "import sys; from dancecore.distributed.launch import supervise; sys.exit(supervise(sys.argv[1:]))",
             *_torchrun(script, str(out)),
         ],
     )
@@ -296,7 +297,7 @@ def test_ctrl_c_reaches_every_rank(tmp_path: Path) -> None:
 def trainers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Trainer]:
     """One process of world size 1 and both ranks of world size 2, built side by side (no
     process group needed to sample: ranks only talk when they update)."""
-    from dancecore.config import validate
+    from dancecore.config.schema import validate
     from tests.conftest import TINY_RUN, deep_update
 
     run = validate(
@@ -330,7 +331,7 @@ def test_prompts_are_sharded_without_overlap(trainers: dict[str, Trainer]) -> No
 def _rollout(trainer: Trainer, iteration: int):
     trainer.data_cursor = 4 * iteration
     prompts = trainer.local_prompts(iteration)
-    from dancecore.types import PromptBatch
+    from dancecore.contracts.records import PromptBatch
 
     cond = trainer.policy.encode_prompts(PromptBatch(tuple(prompts)))
     schedule = trainer.sampler.schedule()

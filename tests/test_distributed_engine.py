@@ -28,7 +28,7 @@ VARIANTS = [(0, False), (1, False), (2, False), (3, False), (1, True), (3, True)
 
 
 def run_config(stage: int, bf16: bool, output_dir: str) -> Any:
-    from dancecore.config import RunConfig
+    from dancecore.config.schema import RunConfig
 
     return RunConfig.model_validate(
         {
@@ -85,9 +85,9 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def check_variant(stage: int, bf16: bool, rank: int, world: int, data: torch.Tensor, tmp: str) -> dict[str, Any]:
+    import dancecore.distributed as distributed
     from dancecore import checkpoint as ckpt
-    from dancecore import distributed
-    from dancecore.engine import LocalEngine
+    from dancecore.training.engine import LocalEngine
 
     cfg = run_config(stage, bf16, tmp)
     found: dict[str, Any] = {}
@@ -178,7 +178,7 @@ def worker(out_path: str) -> None:
     """One rank: every variant, then the collectives."""
     import tempfile
 
-    from dancecore import distributed
+    import dancecore.distributed as distributed
 
     torch.set_num_threads(1)
     rank, world, _ = distributed.init_process_group(cuda=False)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dancecore.docgen import render
+from dancecore.config.docgen import render
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dancecore.config import TrainConfig
-from dancecore.engine import LocalEngine
+from dancecore.config.schema import TrainConfig
+from dancecore.training.engine import LocalEngine
 
 
 def _model(seed: int) -> torch.nn.Module:

@@ -7,7 +7,7 @@ import json
 import yaml
 
 from dancecore.evaluate import evaluate
-from dancecore.trainer import Trainer
+from dancecore.training.trainer import Trainer
 from tests.conftest import TINY_RUN, deep_update, run_cli
 
 

@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from dancecore.grpo import (
+from dancecore.functional.grpo import (
     best_and_worst,
     clipped_policy_loss,
     combined_advantages,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dancecore.hub import TINY_TOKENIZER, materialise, write_tiny_tokenizer
+from dancecore.plugin_kit.weights import TINY_TOKENIZER, materialise, write_tiny_tokenizer
 
 PROMPTS = ["a cat", "a dog"]
 
@@ -79,7 +79,7 @@ def test_tiny_flux_pooled_embeddings_tell_prompts_apart():
     pytest.importorskip("dancecore_flux", reason="install plugins/dancecore-flux")
     from dancecore_flux.policy import TINY_SPEC, FluxPolicy
 
-    from dancecore.types import Prompt, PromptBatch
+    from dancecore.contracts.records import Prompt, PromptBatch
 
     assert TINY_SPEC["clip"]["eos_token_id"] == TINY_SPEC["t5"]["eos_token_id"] == TINY_TOKENIZER.eos
     policy = FluxPolicy(FluxPolicy.Config(preset="tiny"))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dancecore.config import apply_overrides, load_yaml_file, validate
-from dancecore.observability import ObservabilityError, Observers, open_observers, scalar_tags
+from dancecore.config.schema import apply_overrides, load_yaml_file, validate
+from dancecore.outputs.observers import ObservabilityError, Observers, open_observers, scalar_tags
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -57,7 +57,7 @@ def test_training_writes_tensorboard_scalars_and_sample_images_with_an_eta_bar(t
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dancecore.trainer import Trainer
+    from dancecore.training.trainer import Trainer
 
     run = _config(tmp_path, "train.iterations=3", "train.sample_every=1", "logging.progress_bar=true")
     assert Trainer(run).train(log=lambda message: None) == "finished"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dancecore.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
+from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
 
 
 def test_images_are_one_frame_each():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dancecore import registry
-from dancecore.builtins.grpo import GRPO
+from dancecore.builtins.algorithms import GRPO
 
 
 def test_builtins_are_registered_through_entry_points():
@@ -42,6 +42,6 @@ def test_contract_problems_are_named():
     assert any("Config" in p for p in registry.contract_problems("reward", NoConfig))
 
     class MissingMethod:
-        from dancecore.config_base import ComponentConfig as Config
+        from dancecore.contracts.component import ComponentConfig as Config
 
     assert any("`score`" in p for p in registry.contract_problems("reward", MissingMethod))

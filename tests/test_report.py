@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dancecore.cli import main
-from dancecore.report import ReportError, Series, line_chart, nice_ticks, render, write_report
+from dancecore.outputs.report import ReportError, Series, line_chart, nice_ticks, render, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART_COUNT = 8  # charts every report draws
@@ -23,8 +23,8 @@ CHART_COUNT = 8  # charts every report draws
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three iterations of the tiny-FLUX quickstart, a sample grid after each."""
     pytest.importorskip("dancecore_flux")
-    from dancecore.config import load_run
-    from dancecore.trainer import Trainer
+    from dancecore.config.schema import load_run
+    from dancecore.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     run = load_run(

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from dancecore.sde import ddim_step, ddim_timesteps, flow_ode_step, flow_sde_step, gaussian_log_prob, shifted_sigmas
+from dancecore.functional.sde import (
+    ddim_step,
+    ddim_timesteps,
+    flow_ode_step,
+    flow_sde_step,
+    gaussian_log_prob,
+    shifted_sigmas,
+)
 
 
 def test_shifted_sigmas_match_formula():

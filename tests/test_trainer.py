@@ -7,7 +7,7 @@ import json
 import torch
 
 from dancecore.checkpoint import find_latest, verify
-from dancecore.trainer import Trainer
+from dancecore.training.trainer import Trainer
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def test_ratio_is_exactly_one_before_the_first_update(tiny_run):
 
 def test_group_shares_initial_noise_and_samples_differ(tiny_run):
     trainer = Trainer(tiny_run())
-    from dancecore.types import PromptBatch
+    from dancecore.contracts.records import PromptBatch
 
     prompts = trainer.local_prompts(0)
     cond = trainer.policy.encode_prompts(PromptBatch(tuple(prompts)))

@@ -1,4 +1,4 @@
-"""``dancecore.video``: MP4 when an encoder is installed, animated WebP/GIF otherwise, contact sheets."""
+"""``dancecore.outputs.video``: MP4 when an encoder is installed, animated WebP/GIF otherwise, contact sheets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dancecore import video as video_io
+from dancecore.outputs import video as video_io
 
 
 def _video(frames: int = 5, height: int = 24, width: int = 40) -> torch.Tensor:
@@ -100,10 +100,3 @@ def test_contact_sheet_subsamples_long_videos():
     frames = video_io.to_uint8_frames(v)
     np.testing.assert_array_equal(sheet[:4, :4], frames[0])
     np.testing.assert_array_equal(sheet[4:, 12:], frames[52])
-
-
-def test_policy_output_writes_as_video(t2v, tmp_path):
-    videos = t2v.decode(t2v.initial_noise(1, torch.Generator().manual_seed(0)))
-    path = video_io.write_video(videos[0], tmp_path / "sample.webp", fps=24)
-    with Image.open(path) as image:
-        assert image.n_frames == 5 and image.size == (48, 32)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from dancecore.config_base import ComponentConfig
-from dancecore.protocols import BuildContext
+from dancecore.contracts.component import ComponentConfig
+from dancecore.contracts.protocols import BuildContext
 
 
 def _frames(samples: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 from pydantic import Field, model_validator
 
-from dancecore.config_base import ComponentConfig
-from dancecore.protocols import BuildContext
-from dancecore.sde import (
+from dancecore.contracts.component import ComponentConfig
+from dancecore.contracts.protocols import BuildContext
+from dancecore.contracts.records import Schedule, StepResult
+from dancecore.functional.sde import (
     StepCoefficients,
     ddim_coefficients,
     ddim_timesteps,
@@ -18,7 +19,6 @@ from dancecore.sde import (
     shifted_sigmas,
     split_coefficients,
 )
-from dancecore.types import Schedule, StepResult
 
 
 class _CoefficientTables:

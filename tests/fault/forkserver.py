@@ -38,7 +38,8 @@ def _preload() -> None:
     try:  # optional: the 2-rank trials (DS_ACCELERATOR=cpu is set by the client)
         import deepspeed  # noqa: F401
 
-        import dancecore.distributed  # noqa: F401
+        import dancecore.distributed.engine  # noqa: F401
+        import dancecore.training.run  # noqa: F401
     except ImportError:
         pass
     import matplotlib.pyplot  # noqa: F401
@@ -46,11 +47,11 @@ def _preload() -> None:
     from diffusers import AutoencoderKL, FluxTransformer2DModel  # noqa: F401
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # noqa: F401
 
-    import dancecore.builtins.grpo  # noqa: F401
+    import dancecore.builtins.algorithms  # noqa: F401
     import dancecore.builtins.rewards  # noqa: F401
     import dancecore.builtins.samplers  # noqa: F401
     import dancecore.cli  # noqa: F401
-    import dancecore.trainer  # noqa: F401
+    import dancecore.training.trainer  # noqa: F401
 
 
 def _child(request: dict) -> None:

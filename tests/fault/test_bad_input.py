@@ -189,7 +189,7 @@ def test_plugins_are_imported_only_when_named(forkserver, tmp_path, fault_report
 
 
 def test_output_dir_is_checked_before_any_model_loads(tiny_run, tmp_path, monkeypatch, forkserver, fault_report):
-    from dancecore.trainer import OutputDirError, Trainer
+    from dancecore.training.trainer import OutputDirError, Trainer
 
     class MustNotLoad:
         Config = None
@@ -224,7 +224,7 @@ def test_output_dir_is_checked_before_any_model_loads(tiny_run, tmp_path, monkey
 
 
 def test_yaml_loader_reads_scalars_as_yaml_1_2(fault_report):
-    from dancecore.config import ConfigError, parse_yaml
+    from dancecore.config.schema import ConfigError, parse_yaml
 
     cases = {
         "1e-5": 1e-5,

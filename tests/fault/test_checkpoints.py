@@ -141,12 +141,12 @@ def test_resume_skips_a_bad_checkpoint_and_says_why(three, baseline6, forkserver
 
 
 def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous(tiny_run, monkeypatch, fault_report):
-    from dancecore.trainer import Trainer
+    from dancecore.training.trainer import Trainer
 
     trainer = Trainer(tiny_run(train={"iterations": 2, "checkpoint_every": 1}))
     trainer.train()
     previous = ckpt.committed_path(trainer.output_dir, 2)
-    real_save = ckpt.save_file
+    real_save = ckpt.store.save_file
 
     def full_disk(tensors, filename, *args, **kwargs):
         if filename.endswith("optimizer.safetensors"):
@@ -154,7 +154,7 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous(tiny_run,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         return real_save(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.setattr(ckpt.store, "save_file", full_disk)
     with pytest.raises(ckpt.CheckpointError) as info:
         trainer.save(3)
     message = str(info.value)
@@ -204,7 +204,7 @@ class _Evil:
 def _as_pickle_checkpoint(path: Path, payload: object | None = None) -> None:
     """Replace model.safetensors by model.pt (plain tensors, or ``payload``), re-manifested as if
     dancecore had written it."""
-    weights = ckpt.load_file(str(path / "model.safetensors"))
+    weights = ckpt.reading.load_file(str(path / "model.safetensors"))
     (path / "model.safetensors").unlink()
     torch.save(payload if payload is not None else weights, path / "model.pt")
     (path / "manifest.json").unlink()
@@ -269,7 +269,7 @@ def test_every_torch_load_is_weights_only(fault_report):
 
 
 def test_no_write_escapes_the_output_dir(tmp_path, tiny_run, fault_report):
-    from dancecore.trainer import OutputDirError, Trainer
+    from dancecore.training.trainer import OutputDirError, Trainer
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -292,8 +292,8 @@ def test_no_write_escapes_the_output_dir(tmp_path, tiny_run, fault_report):
     (good / "checkpoints" / "iter-00000001").mkdir(parents=True)
     c = good / "checkpoints" / "iter-00000001"
     (c / "state.json").write_text(json.dumps({"iteration": 1}))
-    body = ckpt._manifest_body(1, {"../../outside/secret": {"sha256": "0", "bytes": 1}, "state.json": {}})
-    (c / "manifest.json").write_text(ckpt._manifest_text(body))
+    body = ckpt.store._manifest_body(1, {"../../outside/secret": {"sha256": "0", "bytes": 1}, "state.json": {}})
+    (c / "manifest.json").write_text(ckpt.store._manifest_text(body))
     results["manifest path escape refused"] = "invalid file name" in (ckpt.verify(c) or "")
     ok = all(results.values())
     fault_report.row("no write outside output_dir (.., absolute, symlinks)", "refused" if ok else str(results), ok)
@@ -305,7 +305,7 @@ def test_global_rng_and_counters_mutants_are_caught(tiny_run, monkeypatch, fault
     counters stay 0): give them non-trivial values, then resume without restoring them."""
     import random
 
-    from dancecore.trainer import Trainer
+    from dancecore.training.trainer import Trainer
 
     first = Trainer(tiny_run(train={"iterations": 2}))
     first.train()

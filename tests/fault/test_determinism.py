@@ -7,7 +7,7 @@ import torch
 
 
 def _run(tiny_run, name: str, threads: int, ratios: list[torch.Tensor] | None = None):
-    from dancecore.trainer import Trainer
+    from dancecore.training.trainer import Trainer
 
     trainer = Trainer(tiny_run(name, train={"iterations": 3, "num_threads": threads}))
     if ratios is not None:

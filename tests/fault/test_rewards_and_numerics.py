@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dancecore.checkpoint import plan_resume, verify
-from dancecore.config import RewardFailureConfig
-from dancecore.grpo import combined_advantages, group_advantages
-from dancecore.scoring import NamedReward, RewardFailure, score_samples
+from dancecore.config.schema import RewardFailureConfig
+from dancecore.functional.grpo import combined_advantages, group_advantages
+from dancecore.training.scoring import NamedReward, RewardFailure, score_samples
 
 RELEASE = threading.Event()
 BATCH, GROUP = 8, 4
@@ -114,7 +114,7 @@ def test_reward_fault_summary(fault_report):
 
 
 def _trainer(tiny_run, fixture_plugins, mode: str, policy: str, **train):
-    from dancecore.trainer import Trainer
+    from dancecore.training.trainer import Trainer
 
     run = tiny_run(
         f"run-{mode}-{policy}",  # one output_dir per run: a fresh run refuses another run's directory
@@ -178,7 +178,7 @@ def test_reward_failure_through_the_cli(forkserver, tmp_path, fault_report):
 
 
 def test_nan_log_prob_skips_the_update(tiny_run, fault_report):
-    from dancecore.trainer import Trainer, TrainingError
+    from dancecore.training.trainer import Trainer, TrainingError
 
     trainer = Trainer(tiny_run(train={"iterations": 4, "max_nonfinite_updates": 3}))
     real_step = trainer.sampler.step
@@ -203,7 +203,7 @@ def test_nan_log_prob_skips_the_update(tiny_run, fault_report):
 
 
 def test_nonfinite_grad_norm_skips_the_update(tiny_run):
-    from dancecore.trainer import Trainer
+    from dancecore.training.trainer import Trainer
 
     trainer = Trainer(tiny_run(train={"iterations": 1}))
     before = {k: v.clone() for k, v in trainer.engine.model_state().items()}

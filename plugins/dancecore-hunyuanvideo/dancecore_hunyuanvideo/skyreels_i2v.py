@@ -31,13 +31,13 @@ DEFAULTS = {"height": 400, "width": 640, "num_frames": 53, "max_sequence_length"
 class PromptImageError(PromptFileError):
     """A prompt's first-frame image is missing or unreadable; the message names every such prompt.
 
-    A :class:`~dancecore.prompts.PromptFileError`, so the CLI reports it as bad input (exit code 2)."""
+    A :class:`~dancecore.PromptFileError`, so the CLI reports it as bad input (exit code 2)."""
 
 
 @dataclass(frozen=True)
 class SkyReelsConditioning:
     """Encoded prompts and first frames, one row each, plus the empty-prompt (negative) embeddings
-    shared by every row (leading dimension 1, not sliced by :func:`dancecore.types.select_rows`)."""
+    shared by every row (leading dimension 1, not sliced by :func:`dancecore.select_rows`)."""
 
     batch_fields: ClassVar[tuple[str, ...]] = ("prompt_embeds", "prompt_mask", "pooled_embeds", "image_latents")
     prompt_embeds: torch.Tensor

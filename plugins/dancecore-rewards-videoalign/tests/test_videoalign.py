@@ -150,7 +150,7 @@ def test_rewards_share_one_loaded_model():
 
 
 def test_bad_inputs_raise(reward):
-    """The inputs are checked by :func:`dancecore.pixels.check_pixels` (tested in the core)."""
+    """The inputs are checked by :func:`dancecore.check_pixels` (tested in the core)."""
     with pytest.raises(ValueError, match="videos, got"):
         reward.score(torch.rand(2, 5, 4, 32, 32), ["a", "b"])
     with pytest.raises(ValueError, match="expected 2 prompts"):

@@ -35,7 +35,7 @@ from dancecore import (
 class SDConditioning:
     """Encoded prompts: CLIP text hidden states for each prompt and for the negative (empty) prompt.
 
-    Both have one row per prompt, so :func:`dancecore.types.select_rows` slices them together.
+    Both have one row per prompt, so :func:`dancecore.select_rows` slices them together.
     """
 
     batch_fields: ClassVar[tuple[str, ...]] = ("prompt_embeds", "negative_embeds")

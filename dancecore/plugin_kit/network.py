@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dancecore.config_base import ComponentConfig
+from dancecore.contracts.component import ComponentConfig
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

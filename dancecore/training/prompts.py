@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from dancecore.config import PromptsConfig
+from dancecore.config.schema import PromptsConfig
+from dancecore.contracts.records import Prompt
 from dancecore.errors import PromptFileError
-from dancecore.seeding import derive_seed
-from dancecore.types import Prompt
+from dancecore.functional.seeding import derive_seed
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:

@@ -1,6 +1,6 @@
-"""Generate docs/config-reference.md from the pydantic models (``python -m dancecore.docgen``).
+"""Generate docs/config-reference.md from the pydantic models (``python -m dancecore.config.docgen``).
 
-The run structure comes from :class:`dancecore.config.RunConfig`; every installed component's
+The run structure comes from :class:`dancecore.config.schema.RunConfig`; every installed component's
 options from its own ``Config``. ``tests/test_docs.py`` fails when the committed page is stale.
 """
 
@@ -16,11 +16,11 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from dancecore import registry
-from dancecore.config import RunConfig
+from dancecore.config.schema import RunConfig
 
 HEADER = """# Configuration reference
 
-Generated from the pydantic schema by `python -m dancecore.docgen` (`make docs`); a test fails when
+Generated from the pydantic schema by `python -m dancecore.config.docgen` (`make docs`); a test fails when
 this page is stale. A run config is YAML; every key below is checked (unknown keys are errors) and
 can be overridden on the command line as `key.sub=value`, e.g. `train.iterations=10` or
 `rewards[0].weight=0.5`.

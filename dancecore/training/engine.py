@@ -1,7 +1,7 @@
 """The update engine: backward, gradient clipping, the AdamW step and state for checkpoints.
 
 :class:`LocalEngine` is the single-process engine. The DeepSpeed engine in
-:mod:`dancecore.distributed` offers the same methods, so the training loop does not know which
+:mod:`dancecore.distributed.engine` offers the same methods, so the training loop does not know which
 one it drives.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from dancecore.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
-from dancecore.config import TrainConfig
+from dancecore.config.schema import TrainConfig
 
 
 class TrainEngine(Protocol):

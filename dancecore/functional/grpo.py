@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dancecore.types import LossOutput
+from dancecore.contracts.records import LossOutput
 
 
 def group_advantages(

@@ -151,7 +151,7 @@ class Observers:
     def images(self, iteration: int, pixels: torch.Tensor, columns: int | None = None) -> None:
         """Log a sample grid (videos as a contact sheet of their frames)."""
         if self.writers:
-            from dancecore.outputs import image_grid
+            from dancecore.outputs.images import image_grid
 
             grid = np.asarray(image_grid(pixels, columns))
             self._each(lambda w: w.image(iteration, "samples", grid))

@@ -116,6 +116,55 @@ class LossOutput:
     clip_fraction: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """One iteration's samples as an algorithm receives them (see :class:`~dancecore.Algorithm`).
+
+    ``trajectory`` holds every sample of this rank; ``scores`` the reward values of the samples in
+    ``keep`` only (indices into the trajectory; a reward failure under ``skip_group`` drops groups).
+    ``conditioning`` is the policy's encoded prompts (row ``trajectory.prompt_rows[b]`` for sample b),
+    ``schedule`` the sampler's schedule, ``stochastic[i]`` whether step i was sampled stochastically
+    (steps taken by the ODE carry log-probability 0 and are never trained), and ``draw`` the
+    iteration's noise position, which keys every random draw of the iteration.
+    """
+
+    trajectory: Trajectory
+    scores: RewardScores
+    keep: torch.Tensor
+    conditioning: Any
+    schedule: Schedule
+    stochastic: torch.Tensor
+    draw: int
+
+    @property
+    def kept_group_ids(self) -> torch.Tensor:
+        """Group id of each kept sample, aligned with ``scores.values[k]``."""
+        return self.trajectory.group_ids[self.keep]
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """A micro-batch of trajectory transitions recomputed with the current weights.
+
+    ``samples[j]``/``steps[j]`` say which sample and step row j is; only the first ``real`` rows are
+    real (micro-batches are padded to one shape, so recomputed log-probabilities equal the rollout's
+    bit for bit before an update). ``step`` is the sampler's result for the given next latents,
+    ``prediction`` the policy's output (with gradient).
+    """
+
+    samples: torch.Tensor
+    steps: torch.Tensor
+    real: int
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    prediction: torch.Tensor
+    step: StepResult
+
+    def real_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The first ``real`` rows of a per-row tensor of this micro-batch."""
+        return t if t.shape[0] == self.real else t[: self.real]
+
+
 C = TypeVar("C")
 
 

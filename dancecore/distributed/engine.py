@@ -9,9 +9,9 @@ The GRPO semantics across ranks are the trainer's and do not change here:
   ranks: N ranks with B/N samples each take the same step as one process with B;
 - metrics are averaged over ranks before rank 0 logs them; only rank 0 writes files.
 
-:class:`DeepSpeedEngine` adapts a DeepSpeed engine to the :class:`~dancecore.engine.TrainEngine`
+:class:`DeepSpeedEngine` adapts a DeepSpeed engine to the :class:`~dancecore.training.engine.TrainEngine`
 protocol. Checkpoints hold the gathered fp32 weights and the full AdamW moments in the same
-safetensors + JSON layout as :class:`~dancecore.engine.LocalEngine` (DeepSpeed's own
+safetensors + JSON layout as :class:`~dancecore.training.engine.LocalEngine` (DeepSpeed's own
 ``save_checkpoint`` pickles, so it is not used): a run resumes on any number of ranks, or on none.
 See docs/distributed.md.
 """
@@ -20,348 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import math
-import os
-import socket
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dancecore.checkpoint import flatten_optimizer_state, portable_param_group, unflatten_optimizer_state
-from dancecore.config import ConfigError, ResolvedRun, RunConfig
-from dancecore.engine import trainable_named_parameters
+from dancecore.config.schema import RunConfig
+from dancecore.distributed.config import _deepspeed, deepspeed_config
 from dancecore.errors import ReplicaDivergence
-
-PASSTHROUGH = "distributed.deepspeed_config"
-
-# Keys dancecore derives from its own settings: the passthrough may repeat them, not contradict them.
-_DERIVED_FROM = {
-    ("train_micro_batch_size_per_gpu",): "dancecore's own batching (train.micro_batch_size)",
-    ("gradient_accumulation_steps",): "dancecore's own accumulation (train.samples_per_update)",
-    ("managed_gradient_accumulation",): "dancecore's own accumulation (train.samples_per_update)",
-    ("gradient_clipping",): "train.grad_clip",
-    ("optimizer", "type"): "dancecore's AdamW",
-    ("optimizer", "params", "lr"): "train.learning_rate",
-    ("optimizer", "params", "betas"): "train.adam_betas",
-    ("optimizer", "params", "eps"): "train.adam_eps",
-    ("optimizer", "params", "weight_decay"): "train.weight_decay",
-    ("zero_optimization", "stage"): "distributed.zero_stage",
-    ("bf16", "enabled"): "train.mixed_precision",
-}
-# Sections dancecore cannot honour: the loop would silently differ from what they ask for.
-_REFUSED = {
-    "fp16": "fp16 training is not supported; use train.mixed_precision=bf16",
-    "amp": "apex AMP is not supported; use train.mixed_precision=bf16",
-    "scheduler": "DeepSpeed schedulers are not saved in dancecore checkpoints; use train.lr_warmup_updates",
-    "train_batch_size": "dancecore batches itself: set train.prompts_per_iteration and optimizer.group_size",
-}
-# DeepSpeed's own validation errors name a section model; this maps them back to the YAML key.
-_SECTION_OF_MODEL = {
-    "DeepSpeedZeroConfig": "zero_optimization",
-    "DeepSpeedBF16Config": "bf16",
-    "DeepSpeedFP16Config": "fp16",
-    "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing",
-    "DeepSpeedFlopsProfilerConfig": "flops_profiler",
-    "DeepSpeedMonitorConfig": "monitor",
-    "DeepSpeedCommsConfig": "comms_logger",
-}
-
-
-def _deepspeed() -> Any:
-    """Import DeepSpeed, or explain how to get a version dancecore can drive."""
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise RuntimeError(
-            "distributed training needs DeepSpeed: DS_BUILD_OPS=0 pip install deepspeed "
-            "(or pip install 'dancecore[deepspeed]')"
-        ) from exc
-    try:
-        from deepspeed.runtime.constants import MANAGED_GRADIENT_ACCUMULATION  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(
-            f"DeepSpeed {deepspeed.__version__} cannot leave gradient accumulation to the caller "
-            "(managed_gradient_accumulation), which dancecore needs; tested with 0.19.8: pip install -U deepspeed"
-        ) from exc
-    return deepspeed
-
-
-# ----------------------------------------------------------------------------------- the config
-
-
-def generated_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed config dancecore derives from ``distributed`` and ``train``.
-
-    DeepSpeed does not own the batching: the trainer calls ``backward`` once per micro-batch and
-    ``step`` once per update, so gradient accumulation is left to the caller
-    (``managed_gradient_accumulation: false``) and the batch sizes are bookkeeping only.
-    """
-    dist, train = cfg.distributed, cfg.train
-    zero: dict[str, Any] = {"stage": dist.zero_stage}
-    if dist.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if dist.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": train.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": train.learning_rate,
-                "betas": list(train.adam_betas),
-                "eps": train.adam_eps,
-                "weight_decay": train.weight_decay,
-                # torch.optim.AdamW: no native op to compile; a passthrough may set false to get
-                # DeepSpeed's fused (GPU) or CPU Adam.
-                "torch_adam": True,
-            },
-        },
-        "zero_optimization": zero,
-        "bf16": {"enabled": train.mixed_precision == "bf16"},
-        "steps_per_print": 2**31 - 1,  # dancecore logs its own metrics
-        "wall_clock_breakdown": False,
-    }
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any], path: tuple[str, ...], errors: list[str]) -> dict[str, Any]:
-    """``extra`` merged over ``base``; a derived key given a different value is an error."""
-    out = dict(base)
-    for key, value in extra.items():
-        here = (*path, str(key))
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, here, errors)
-            continue
-        source = _DERIVED_FROM.get(here)
-        if source is not None and key in out and _normal(out[key]) != _normal(value):
-            errors.append(
-                f"{PASSTHROUGH}.{'.'.join(here)}: {value!r} conflicts with {out[key]!r} set from {source}; "
-                "set it there instead"
-            )
-            continue
-        out[key] = value
-    return out
-
-
-def _normal(value: Any) -> Any:
-    """Compare numbers as floats and tuples as lists (YAML gives lists, pydantic tuples)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, list | tuple):
-        return [_normal(v) for v in value]
-    return value
-
-
-def _check_merged(merged: dict[str, Any], cfg: RunConfig, errors: list[str]) -> None:
-    """Combinations dancecore or DeepSpeed cannot run, each error naming the key to change."""
-    zero = merged.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    params_device = (zero.get("offload_param") or {}).get("device", "none")
-    optimizer_device = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if params_device not in ("none", None) and stage != 3:
-        where = (
-            "distributed.offload_params"
-            if cfg.distributed.offload_params
-            else f"{PASSTHROUGH}.zero_optimization.offload_param"
-        )
-        errors.append(f"{where}: parameter offload needs ZeRO stage 3 (distributed.zero_stage is {stage})")
-    if optimizer_device not in ("none", None) and stage == 0:
-        where = (
-            "distributed.offload_optimizer"
-            if cfg.distributed.offload_optimizer
-            else f"{PASSTHROUGH}.zero_optimization.offload_optimizer"
-        )
-        errors.append(f"{where}: optimizer offload needs ZeRO stage 1, 2 or 3 (distributed.zero_stage is 0)")
-    if stage == 0 and (merged.get("bf16") or {}).get("enabled"):
-        errors.append(
-            "distributed.zero_stage: bf16 (train.mixed_precision=bf16) needs ZeRO stage 1, 2 or 3 (stage 0's bf16 "
-            "optimizer does not expose its fp32 master weights for checkpoints; stage 1 communicates the same)"
-        )
-    for section, device in (("offload_param", params_device), ("offload_optimizer", optimizer_device)):
-        if device == "nvme":
-            errors.append(
-                f"{PASSTHROUGH}.zero_optimization.{section}.device: NVMe offload is not supported (dancecore "
-                "gathers the full state for its checkpoints); use cpu"
-            )
-    if zero.get("overlap_comm") and stage < 2:
-        errors.append(
-            f"{PASSTHROUGH}.zero_optimization.overlap_comm: needs ZeRO stage 2 or 3 when dancecore drives "
-            "gradient accumulation"
-        )
-
-
-def _deepspeed_validation_errors(merged: dict[str, Any]) -> list[str]:
-    """DeepSpeed's own checks of the merged config (each section's schema), as dancecore errors."""
-    _select_accelerator(cuda=torch.cuda.is_available())
-    _deepspeed()
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from pydantic import ValidationError
-
-    try:
-        DeepSpeedConfig(copy.deepcopy(merged))
-    except ValidationError as exc:
-        section = _SECTION_OF_MODEL.get(exc.title)
-        messages = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            where = ".".join(p for p in (PASSTHROUGH, section, key) if p)
-            messages.append(f"{where}: {err['msg']} (DeepSpeed {exc.title})")
-        return messages
-    except (AssertionError, ValueError, TypeError, KeyError) as exc:
-        return [f"{PASSTHROUGH}: DeepSpeed rejects the merged config: {exc}"]
-    return []
-
-
-def deepspeed_config(cfg: RunConfig, *, check_with_deepspeed: bool = True) -> dict[str, Any]:
-    """The DeepSpeed config of a run: :func:`generated_config` merged with the raw
-    ``distributed.deepspeed_config`` passthrough, then validated. Raises :class:`ConfigError`
-    with every problem, each naming its key."""
-    errors: list[str] = []
-    extra = cfg.distributed.deepspeed_config or {}
-    for key, why in _REFUSED.items():
-        if key in extra:
-            errors.append(f"{PASSTHROUGH}.{key}: {why}")
-    extra = {k: v for k, v in extra.items() if k not in _REFUSED}
-    merged = _merge(generated_config(cfg), extra, (), errors)
-    _check_merged(merged, cfg, errors)
-    if not errors and check_with_deepspeed:
-        errors.extend(_deepspeed_validation_errors(merged))
-    if errors:
-        raise ConfigError(errors)
-    return merged
-
-
-# ----------------------------------------------------------------------------- process set-up
-
-
-def _select_accelerator(cuda: bool) -> None:
-    """Tell DeepSpeed which accelerator to use before it is first imported (it autodetects
-    CUDA; without a GPU it must be told ``cpu``)."""
-    if not cuda:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def _use_cuda(cfg: RunConfig) -> bool:
-    return torch.cuda.is_available() and not cfg.train.device.startswith("cpu")
-
-
-@contextlib.contextmanager
-def _machine_lock(name: str) -> Iterator[None]:
-    """An exclusive lock shared by every process on this machine (a no-op if it cannot be made)."""
-    path = Path(tempfile.gettempdir()) / f"dancecore-{name}.lock"
-    try:
-        handle = path.open("a")
-    except OSError:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def build_native_ops(cuda: bool | None = None) -> None:
-    """Build (first use on a machine: a minute or two) and load the native op DeepSpeed's
-    communication layer compiles when it starts (the shared-memory collectives on CPU).
-
-    Ranks that compile it at the same time can abort, so the build is serialised by a machine-wide
-    lock: the first process builds, the others then load the cached result. The launcher calls this
-    once before starting ranks; every rank calls it again (a fast cached load) before DeepSpeed
-    starts, which also covers ranks started by torchrun or the deepspeed launcher directly.
-    """
-    _select_accelerator(torch.cuda.is_available() if cuda is None else cuda)
-    deepspeed = _deepspeed()
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return
-    with _machine_lock("deepspeed-ops"):
-        builder.load(verbose=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def init_process_group(cuda: bool) -> tuple[int, int, int]:
-    """Join the process group (NCCL on GPUs, gloo on CPU); returns (rank, world size, local rank).
-
-    Ranks started by a launcher find RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT in the environment;
-    a process started alone (``distributed.backend=deepspeed`` without ``--nproc``) becomes a
-    world of one.
-    """
-    if "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    build_native_ops(cuda)
-    deepspeed = _deepspeed()
-
-    _quiet_deepspeed()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
-
-
-def _quiet_deepspeed() -> None:
-    """DeepSpeed logs its whole config and every step at INFO on every rank; keep warnings."""
-    import logging
-
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-
-
-def report_ranks(rank: int, world_size: int, local_rank: int, stage: int, log: Any = print) -> list[str]:
-    """Every rank logs its host; rank 0 then lists who joined. Returns every rank's host name."""
-    host = socket.gethostname()
-    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
-    log(f"[dancecore] rank {rank}/{world_size} (local rank {local_rank}) on {host}, pid {os.getpid()}, {device}")
-    hosts: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(hosts, host)
-    if rank == 0:
-        by_host: dict[str, list[int]] = {}
-        for r, h in enumerate(hosts):
-            by_host.setdefault(str(h), []).append(r)
-        listing = "; ".join(f"{h}: ranks {_ranges(rs)}" for h, rs in by_host.items())
-        log(f"[dancecore] world size {world_size} on {len(by_host)} host(s), DeepSpeed ZeRO stage {stage}: {listing}")
-    return [str(h) for h in hosts]
-
-
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    parts: list[str] = []
-    start = prev = ranks[0]
-    for r in [*ranks[1:], None]:
-        if r is not None and r == prev + 1:
-            prev = r
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if r is not None:
-            start = prev = r
-    return ",".join(parts)
-
+from dancecore.training.engine import trainable_named_parameters
 
 # ------------------------------------------------------------------------------------ the engine
 
@@ -402,13 +71,13 @@ def _restore_calls(module: torch.nn.Module, base: type) -> None:
 
 
 class DeepSpeedEngine:
-    """The :class:`~dancecore.engine.TrainEngine` protocol on a DeepSpeed ZeRO engine.
+    """The :class:`~dancecore.training.engine.TrainEngine` protocol on a DeepSpeed ZeRO engine.
 
     - ``step`` returns the pre-clip global gradient norm; a non-finite norm on any rank makes
       every rank skip the update (DeepSpeed's overflow check on ZeRO 1-3 and bf16; a step
       pre-hook on the plain stage-0 AdamW).
     - ``model_state`` gathers the full fp32 (master) weights on every rank; ``optimizer_state``
-      the full AdamW moments, under the same names as :class:`~dancecore.engine.LocalEngine`.
+      the full AdamW moments, under the same names as :class:`~dancecore.training.engine.LocalEngine`.
     - ``load_state`` scatters full weights and moments into whatever partitioning this world
       size uses, so checkpoints move between world sizes (and to and from ``LocalEngine``).
     """
@@ -591,7 +260,7 @@ class DeepSpeedEngine:
         return [self.optimizer.state[p] for p in self._flat_params() if self.optimizer.state.get(p)]
 
     def _optimizer_meta(self) -> dict[str, Any]:
-        """``param_groups`` as :class:`~dancecore.engine.LocalEngine` writes them: one group of
+        """``param_groups`` as :class:`~dancecore.training.engine.LocalEngine` writes them: one group of
         the trainable parameters in order, the torch AdamW defaults plus the live hyper-parameters."""
         template = torch.optim.AdamW([torch.zeros(1)], **self.hyper).state_dict()["param_groups"][0]
         live = self.optimizer.param_groups[0]
@@ -718,36 +387,3 @@ def _first_float_tensor(out: Any) -> torch.Tensor | None:
         return _first_float_tensor(list(out.values()))
     sample = getattr(out, "sample", None)
     return sample if isinstance(sample, torch.Tensor) else None
-
-
-# ---------------------------------------------------------------------------------- the run
-
-
-def train_distributed(run: ResolvedRun, resume: bool = False, *, allow_pickle: bool = False, log: Any = print) -> str:
-    """Train ``run`` as one rank of a DeepSpeed job (or alone, as a world of one); every rank
-    calls this. Returns 'finished' or 'stopped', like :meth:`Trainer.train`."""
-    from dancecore.trainer import Trainer
-
-    cfg = run.config
-    cuda = _use_cuda(cfg)
-    _select_accelerator(cuda)
-    ds_config = deepspeed_config(cfg)
-    started_here = not torch.distributed.is_initialized()
-    rank, world_size, local_rank = init_process_group(cuda)
-    trainer = None
-    try:
-        report_ranks(rank, world_size, local_rank, int(ds_config["zero_optimization"]["stage"]), log)
-        trainer = Trainer(
-            run,
-            engine_factory=lambda module, _cfg: DeepSpeedEngine(module, cfg, ds_config),
-            rank=rank,
-            world_size=world_size,
-        )
-        status = trainer.train(resume=resume, log=log, allow_pickle=allow_pickle)
-        trainer.engine.check_replicas()  # type: ignore[attr-defined]
-        return status
-    finally:
-        if trainer is not None and isinstance(trainer.engine, DeepSpeedEngine):
-            trainer.engine.close()
-        if started_here and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()

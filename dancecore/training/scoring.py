@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from dancecore.config import ResolvedRun, RewardFailureConfig
+from dancecore.config.schema import ResolvedRun, RewardFailureConfig
+from dancecore.contracts.protocols import BuildContext
+from dancecore.contracts.records import RewardScores
 from dancecore.errors import RewardFailure
-from dancecore.protocols import BuildContext
-from dancecore.types import RewardScores
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Checks every reward plugin makes on what it is given and on what it returns.
 
 Rewards receive pixels in [0, 1], images ``(B, 3, H, W)`` or videos ``(B, F, 3, H, W)``, with one
-prompt per sample (see :class:`dancecore.protocols.Reward`). A wrong input raises a ``ValueError``
+prompt per sample (see :class:`dancecore.contracts.protocols.Reward`). A wrong input raises a ``ValueError``
 that names what is wrong, and a NaN or infinite score raises instead of becoming a number.
 """
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dancecore import registry
 from dancecore.errors import ConfigError
@@ -153,12 +153,23 @@ class RunConfig(StrictModel):
     prompts: PromptsConfig
     policy: ComponentSpec
     sampler: ComponentSpec
-    optimizer: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="grpo"))
+    algorithm: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="grpo"),
+        validation_alias=AliasChoices("algorithm", "optimizer"),
+        description="The training algorithm (`grpo` by default); `optimizer` is its old name, still accepted.",
+    )
     rewards: list[RewardSpec] = Field(min_length=1)
     train: TrainConfig
     reward_failure: RewardFailureConfig = Field(default_factory=lambda: RewardFailureConfig())
     distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig())
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_algorithm_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "algorithm" in data and "optimizer" in data:
+            raise ValueError("give `algorithm` (or its old name `optimizer`), not both")
+        return data
 
     @field_validator("output_dir")
     @classmethod
@@ -329,8 +340,13 @@ class ResolvedRun:
     config: RunConfig
     policy: ResolvedComponent
     sampler: ResolvedComponent
-    optimizer: ResolvedComponent
+    algorithm: ResolvedComponent
     rewards: tuple[ResolvedComponent, ...]
+
+    @property
+    def optimizer(self) -> ResolvedComponent:
+        """The old name of :attr:`algorithm`."""
+        return self.algorithm
 
 
 def _resolve_component(kind: str, spec: ComponentSpec, path: str, errors: list[str]) -> ResolvedComponent | None:
@@ -364,7 +380,7 @@ def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
     errors: list[str] = []
     policy = _resolve_component("policy", config.policy, "policy", errors)
     sampler = _resolve_component("sampler", config.sampler, "sampler", errors)
-    optimizer = _resolve_component("optimizer", config.optimizer, "optimizer", errors)
+    algorithm = _resolve_component("algorithm", config.algorithm, algorithm_key(data), errors)
     rewards = [_resolve_component("reward", r, f"rewards[{i}]", errors) for i, r in enumerate(config.rewards)]
     _check_files(config, None, errors)
     if policy and sampler:
@@ -377,17 +393,22 @@ def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
             )
     if errors:
         raise ConfigError(errors, source)
-    assert policy and sampler and optimizer and all(rewards)
-    return ResolvedRun(config, policy, sampler, optimizer, tuple(r for r in rewards if r is not None))
+    assert policy and sampler and algorithm and all(rewards)
+    return ResolvedRun(config, policy, sampler, algorithm, tuple(r for r in rewards if r is not None))
+
+
+def algorithm_key(data: dict[str, Any]) -> str:
+    """The YAML key the config names its algorithm under: ``algorithm``, or the old ``optimizer``."""
+    return "optimizer" if "optimizer" in data and "algorithm" not in data else "algorithm"
 
 
 def _component_errors_from_raw(data: dict[str, Any]) -> list[str]:
     """Phase-two errors for component blocks that are well-formed even though the run is not."""
     errors: list[str] = []
     blocks: list[tuple[str, str, Any]] = []
-    for kind in ("policy", "sampler", "optimizer"):
-        if isinstance(data.get(kind), dict):
-            blocks.append((kind, kind, data[kind]))
+    for kind, key in (("policy", "policy"), ("sampler", "sampler"), ("algorithm", algorithm_key(data))):
+        if isinstance(data.get(key), dict):
+            blocks.append((kind, key, data[key]))
     if isinstance(data.get("rewards"), list):
         blocks.extend(("reward", f"rewards[{i}]", r) for i, r in enumerate(data["rewards"]) if isinstance(r, dict))
     for kind, path, block in blocks:

@@ -60,14 +60,14 @@ def launch_local(args: argparse.Namespace) -> int:
     """Validate, warm up, start ``args.nproc`` ranks and wait; returns the exit code."""
     import torch
 
-    from dancecore import distributed
-    from dancecore.config import load_run
+    import dancecore.distributed as distributed
+    from dancecore.config.schema import load_run
 
     nproc = int(args.nproc)
     run = load_run(Path(args.config), args.overrides)
     cfg = run.config
     if cfg.train.prompts_per_iteration % nproc:
-        from dancecore.config import ConfigError
+        from dancecore.config.schema import ConfigError
 
         raise ConfigError(
             [f"train.prompts_per_iteration: {cfg.train.prompts_per_iteration} is not a multiple of --nproc {nproc}"]

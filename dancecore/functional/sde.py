@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from dancecore.types import StepResult
+from dancecore.contracts.records import StepResult
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 

@@ -8,7 +8,8 @@ Contracts only grow by optional members, so a plugin written today keeps working
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -16,7 +17,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel
 
-from dancecore.types import LossOutput, PromptBatch, RewardScores, Schedule, StepResult
+from dancecore.contracts.records import (
+    LossOutput,
+    PromptBatch,
+    RewardScores,
+    Rollout,
+    Schedule,
+    StepResult,
+    Transitions,
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,16 @@ class Sampler(Protocol):
 
 
 @runtime_checkable
+class WindowedSampler(Sampler, Protocol):
+    """A sampler that takes only some steps stochastically (an SDE window, MixGRPO-style); the
+    others are ODE steps with log-probability 0, never trained."""
+
+    def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
+        """Boolean mask (num_steps,) of the steps taken stochastically at ``iteration``."""
+        ...
+
+
+@runtime_checkable
 class Reward(Protocol):
     """Scores decoded samples against their prompts, one float per sample (higher is better)."""
 
@@ -109,9 +128,92 @@ class Reward(Protocol):
         ...
 
 
+class TrainingServices(Protocol):
+    """What the core offers an :class:`Algorithm` for its training pass (see docs/architecture.md).
+
+    Network calls go through :meth:`replay` / :meth:`predict`, which micro-batch with the rollout's
+    shapes, so a log-probability recomputed before any update equals the rollout's exactly. The
+    gradient goes through :meth:`backward` and :meth:`optimizer_step` (engine-neutral: one process
+    or DeepSpeed). Decisions every rank must take together go through :meth:`any_rank`.
+    """
+
+    world_size: int
+    device: torch.device
+    samples_per_update: int | None
+
+    def replay(self, rollout: Rollout, samples: torch.Tensor, steps: torch.Tensor) -> Iterator[Transitions]:
+        """Recompute transitions ``(samples[j], steps[j])`` of the trajectory with gradient, micro-batch by micro-batch."""
+        ...
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, rollout: Rollout, samples: torch.Tensor) -> torch.Tensor:
+        """The policy's prediction (with gradient) for arbitrary latents of the given samples' prompts."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` (already scaled by the caller)."""
+        ...
+
+    def optimizer_step(self) -> float:
+        """Apply the LR schedule, clip, step; returns the gradient norm (a non-finite norm skips the update)."""
+        ...
+
+    def skip_update(self, why: str) -> None:
+        """Drop the accumulated gradients of a non-finite update; too many in a row stop the run."""
+        ...
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        ...
+
+    def generator(self, purpose: str, *keys: int) -> torch.Generator:
+        """A generator seeded by (run seed, purpose, this iteration's draw, keys): the same on resume."""
+        ...
+
+    def timed(self, phase: str) -> AbstractContextManager[None]:
+        """Count the block's seconds as ``time/<phase>_s`` in the iteration's metrics."""
+        ...
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """A training algorithm (GRPO, reward-weighted regression, ...): it owns the training pass.
+
+    It receives one iteration's :class:`Rollout` (trajectory, kept samples' rewards, conditioning,
+    schedule) and updates the policy through the core's :class:`TrainingServices`. It returns its
+    metrics for this rank (floats; NaN when it did not train); the core averages them over ranks
+    and writes them to metrics.jsonl. ``group_size`` is how many samples share one prompt (and one
+    initial noise): the rollout is shaped by it, whatever the algorithm.
+    """
+
+    Config: ClassVar[type[BaseModel]]
+    group_size: int
+
+    def train(self, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
+        """One iteration's training pass; returns this rank's metrics."""
+        ...
+
+
+@runtime_checkable
+class StatefulAlgorithm(Algorithm, Protocol):
+    """An algorithm with state of its own (an EMA, a running baseline): saved in every checkpoint's
+    training state and restored on resume. JSON-safe values only."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+
 @runtime_checkable
 class Optimizer(Protocol):
-    """The policy-gradient algorithm: advantages, which samples and steps to train, the loss."""
+    """The clipped-ratio objective of GRPO-like algorithms: advantages, which samples and steps to
+    train, the per-element loss. :class:`~dancecore.builtins.algorithms.GRPO` implements it and runs
+    its training pass through :func:`~dancecore.builtins.algorithms.clipped_ratio_pass`; a plugin of
+    the old ``dancecore.optimizers`` entry-point group that implements only these four methods is
+    trained the same way (see :class:`~dancecore.builtins.algorithms.ClippedRatioAlgorithm`)."""
 
     Config: ClassVar[type[BaseModel]]
 

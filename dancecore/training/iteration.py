@@ -1,0 +1,134 @@
+"""One training iteration, top to bottom. The numbered phases match docs/architecture.md.
+
+    1. prompts    this rank's share of the prompts at the data cursor
+    2. encode     the policy encodes them once
+    3. rollout    G samples per prompt from one shared initial noise, every transition's log-prob
+    4. decode     the last step's clean estimate to pixels
+    5. reward     every reward scores every sample, under the reward-failure policy
+    6. train      the algorithm's own training pass (GRPO: advantages, clipped-ratio updates)
+    7. record     metrics averaged over ranks; the data cursor and noise position move on
+
+Shapes: B = prompts on this rank x G samples, N = sampler steps; ``trajectory.latents`` is
+(B, N+1, *latent), ``trajectory.log_probs`` (B, N), ``pixels`` (B, 3, H, W) or (B, F, 3, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dancecore.contracts.records import PromptBatch, Rollout
+from dancecore.errors import RewardFailure
+from dancecore.training import sampling
+from dancecore.training.scoring import ScoringResult, score_samples
+from dancecore.training.services import CoreServices
+
+if TYPE_CHECKING:
+    from dancecore.training.trainer import Trainer
+
+#: Metrics that count something over the whole world (summed over ranks, not averaged).
+SUMMED_OVER_RANKS = ("zero_advantage_groups", "dropped_groups")
+
+
+def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
+    """Run one iteration on this rank; returns its metrics record (reduced over ranks)."""
+    began = time.perf_counter()
+    trainer.phase_times = {}
+    state, cfg = trainer.state, trainer.cfg
+    draw = state.noise_position  # keys every random draw of this iteration (== iteration unless resumed oddly)
+
+    # 1. prompts
+    prompts = trainer.local_prompts(iteration)
+
+    # 2. encode
+    with trainer.timed("encode"):
+        cond = trainer.policy.encode_prompts(PromptBatch(tuple(prompts)))
+
+    # 3. rollout
+    schedule = trainer.sampler.schedule()
+    stochastic = sampling.stochastic_mask(trainer.sampler, schedule.num_steps, draw)
+    with trainer.timed("rollout"):
+        traj = trainer.rollout(draw, cond, schedule, stochastic)
+
+    # 4. decode
+    with trainer.timed("decode"):
+        pixels = sampling.decode(trainer.policy, traj.final, cfg.train.micro_batch_size)
+
+    # 5. reward
+    texts = [prompts[int(r)].text for r in traj.prompt_rows]
+    scored = score_on_every_rank(trainer, pixels, texts, traj.group_ids)
+
+    # 6. train
+    rollout = Rollout(traj, scored.scores, scored.keep, cond, schedule, stochastic, draw)
+    services = CoreServices(
+        policy=trainer.policy,
+        sampler=trainer.sampler,
+        engine=trainer.engine,
+        calls=trainer.calls,
+        state=state,
+        lr_schedule=trainer.lr_schedule,
+        seed=cfg.seed,
+        draw=draw,
+        world_size=trainer.world_size,
+        samples_per_update=cfg.train.samples_per_update,
+        max_nonfinite_updates=cfg.train.max_nonfinite_updates,
+        timed=trainer.timed,
+    )
+    stats = trainer.algorithm.train(rollout, services)
+
+    # 7. record
+    record = metrics_record(trainer, iteration, scored, stats, began)
+    state.data_cursor += cfg.train.prompts_per_iteration
+    state.noise_position += 1
+    trainer._last_pixels = pixels
+    return record
+
+
+def score_on_every_rank(trainer: Trainer, pixels: torch.Tensor, texts: list[str], group_ids: torch.Tensor) -> ScoringResult:
+    """Score under the reward-failure policy; a failure on any rank stops every rank together."""
+    failure: RewardFailure | None = None
+    scored: ScoringResult | None = None
+    try:
+        with trainer.timed("reward"):
+            scored = score_samples(trainer.rewards, pixels, texts, group_ids, trainer.cfg.reward_failure)
+    except RewardFailure as exc:
+        failure = exc
+        trainer.state.counters["reward_failures"] += 1
+    if trainer.engine.any_rank(failure is not None):  # every rank stops (and checkpoints) together
+        raise failure or RewardFailure("?", "a reward failed on another rank")
+    assert scored is not None
+    trainer.state.counters["reward_failures"] += scored.failures
+    trainer.state.counters["dropped_groups"] += scored.dropped_groups
+    return scored
+
+
+def metrics_record(
+    trainer: Trainer, iteration: int, scored: ScoringResult, stats: dict[str, float], began: float
+) -> dict[str, Any]:
+    """The iteration's metrics.jsonl record: rewards, the algorithm's statistics, counters, phase times."""
+    scores = scored.scores
+    weights = torch.tensor(scores.weights).unsqueeze(1)
+    combined = (scores.values * weights).sum(0) if scored.keep.numel() else torch.zeros(0)
+    local = {
+        "reward_mean": float(combined.mean()) if combined.numel() else math.nan,
+        "reward_std": float(combined.std()) if combined.numel() > 1 else 0.0,
+        **{
+            f"reward/{n}": float(v.mean()) if v.numel() else math.nan
+            for n, v in zip(scores.names, scores.values, strict=True)
+        },
+        **stats,
+        "dropped_groups": float(scored.dropped_groups),
+    }
+    keys = sorted(local)
+    reduced = dict(zip(keys, trainer.engine.all_reduce_mean([local[k] for k in keys]), strict=True))
+    for key in SUMMED_OVER_RANKS:
+        if key in reduced:
+            reduced[key] *= trainer.world_size
+    record: dict[str, Any] = {"iteration": iteration, **reduced, "seconds": time.perf_counter() - began}
+    record.update({f"time/{phase}_s": seconds for phase, seconds in trainer.phase_times.items()})  # this rank's
+    record["skipped_updates"] = trainer.state.counters["skipped_updates"]
+    record["reward_failures"] = trainer.state.counters["reward_failures"]
+    return record
