@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "StatefulAlgorithm": "dancecore.contracts.protocols",
     "TrainingServices": "dancecore.contracts.protocols",
     "WindowedSampler": "dancecore.contracts.protocols",
+    "SummarizingReward": "dancecore.contracts.protocols",
     "Optimizer": "dancecore.contracts.protocols",
     "BuildContext": "dancecore.contracts.protocols",
     # records that flow between components
@@ -107,6 +108,7 @@ if TYPE_CHECKING:  # static checkers see the real names
         Reward,
         Sampler,
         StatefulAlgorithm,
+        SummarizingReward,
         TrainingServices,
         WindowedSampler,
     )

@@ -88,13 +88,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # in multi-rank runs only rank 0 reports
         return 0
     if status == "stopped":
-        print(f"stopped by signal; checkpoint saved under {out / 'checkpoints'} (continue with --resume)")
+        print(f"stopped by signal (or by the divergence alarm); checkpoint saved under {out / 'checkpoints'} (continue with --resume)")
     else:
         from dancecore.outputs.images import MetricsLog, reward_summary
 
         summary = reward_summary(MetricsLog(out / "metrics.jsonl").read())
         if summary:
             print(summary)
+        if run.config.eval is not None:
+            from dancecore.training.evaluation import eval_summary, read_history
+
+            held_out = eval_summary(read_history(out), out)
+            if held_out:
+                print(held_out)
         print(f"done: metrics in {out / 'metrics.jsonl'}, samples in {out / 'samples'}, curve in {out / 'reward_curve.png'}")
     return 0
 
@@ -105,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dancecore.evaluate import evaluate
 
     run = load_run(Path(args.config), args.overrides)
-    output = Path(args.output) if args.output else run.config.output_dir / "eval" / (args.checkpoint or "base").replace("/", "_")
+    output = Path(args.output) if args.output else run.config.output_dir / "eval" / ((args.checkpoint or "base") + ("-ema" if args.ema else "")).replace("/", "_")
     result = evaluate(
         run,
         Path(args.prompts) if args.prompts else None,
@@ -113,6 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         samples_per_prompt=args.samples_per_prompt,
         seed=args.seed,
+        ema=args.ema,
     )
     print((result.output_dir / "results.md").read_text().rstrip())
     print(f"wrote {result.output_dir}/results.json, results.csv, results.md, grid.png")
@@ -202,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", default=None, help="prompt file (.txt one per line, or .jsonl); default: the config's")
     evaluate.add_argument("--samples-per-prompt", type=int, default=1)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (train.ema)")
     evaluate.add_argument("--output", default=None, help="output directory (default: <output_dir>/eval/<checkpoint>)")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -1,41 +1,24 @@
 """``dancecore eval``: score a policy (base weights or a checkpoint) on a prompt file.
 
-Sampling is deterministic (the ODE / eta = 0 version of the run's sampler, as the paper evaluates)
-with fixed per-(prompt, sample) seeds, so two evaluations of the same weights give the same table.
-Writes ``results.json``, ``results.csv``, ``results.md`` and ``grid.png`` (a contact sheet for videos, plus
-one clip per sample under ``videos/``) to the output directory.
+The sampling and the tables are shared with the periodic evaluation of a run
+(:mod:`dancecore.training.evaluation`): deterministic ODE sampling with fixed per-(prompt, sample)
+seeds, so two evaluations of the same weights give the same table.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from dancecore.checkpoint import CheckpointError, find_latest, read_checkpoint
 from dancecore.config.schema import ResolvedRun
 from dancecore.contracts.protocols import BuildContext
-from dancecore.contracts.records import PromptBatch, select_rows
-from dancecore.functional.seeding import generator
-from dancecore.outputs.images import save_grid
 from dancecore.training.engine import load_trainable
+from dancecore.training.evaluation import EvalResult, ode_samples, score_and_report
 from dancecore.training.prompts import load_prompts, read_prompt_file
-from dancecore.training.scoring import build_rewards, score_samples
+from dancecore.training.scoring import build_eval_rewards
 from dancecore.training.trainer import check_writable, pick_device
 
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Per-sample scores and their summary."""
-
-    rows: list[dict[str, Any]]
-    summary: dict[str, dict[str, float]]
-    output_dir: Path
+__all__ = ["EvalResult", "evaluate"]
 
 
 def _resolve_checkpoint(run: ResolvedRun, checkpoint: str | None) -> Path | None:
@@ -49,7 +32,6 @@ def _resolve_checkpoint(run: ResolvedRun, checkpoint: str | None) -> Path | None
     return Path(checkpoint)
 
 
-@torch.no_grad()
 def evaluate(
     run: ResolvedRun,
     prompts_file: Path | None,
@@ -59,8 +41,12 @@ def evaluate(
     samples_per_prompt: int = 1,
     seed: int = 0,
     batch_size: int = 8,
+    ema: bool = False,
 ) -> EvalResult:
-    """Generate deterministically and score; returns the table and writes it to ``output_dir``."""
+    """Generate deterministically and score; returns the table and writes it to ``output_dir``.
+
+    The rewards are the run's ``eval.rewards`` when it has them, otherwise its training rewards.
+    """
     cfg = run.config
     check_writable(output_dir)
     prompts = read_prompt_file(prompts_file) if prompts_file is not None else load_prompts(cfg.prompts)
@@ -68,67 +54,20 @@ def evaluate(
     context = BuildContext(device=device, seed=seed, output_dir=output_dir)
     policy = run.policy.cls(run.policy.config, context)
     sampler = run.sampler.cls(run.sampler.config, context)
-    rewards = build_rewards(run, context)
+    rewards = build_eval_rewards(run, context)
     ckpt_path = _resolve_checkpoint(run, checkpoint)
+    if ema and ckpt_path is None:
+        raise CheckpointError("--ema needs a checkpoint (--checkpoint latest or a path): the base weights have no EMA")
     if ckpt_path is not None:
-        load_trainable(policy.module, read_checkpoint(ckpt_path).model)
+        loaded = read_checkpoint(ckpt_path)
+        if ema and loaded.ema is None:
+            raise CheckpointError(f"checkpoint {ckpt_path} holds no EMA (train.ema was not set)")
+        load_trainable(policy.module, loaded.ema if ema and loaded.ema is not None else loaded.model)
     policy.module.eval()
-    schedule = sampler.schedule()
-    items = [(p, j) for p in prompts for j in range(samples_per_prompt)]
-    pixels_all: list[torch.Tensor] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        cond = policy.encode_prompts(PromptBatch(tuple(p for p, _ in chunk)))
-        x = torch.cat([policy.initial_noise(1, generator(seed, "eval", p.index, j)) for p, j in chunk]).to(device)
-        for i in range(schedule.num_steps):
-            pred = policy.predict(x, schedule.timesteps[i].expand(len(chunk)), select_rows(cond, torch.arange(len(chunk))))
-            out = sampler.step(schedule, i, x, pred.float(), deterministic=True)
-            x = out.next_latents
-        pixels_all.append(policy.decode(out.x0_hat).cpu())
-    pixels = torch.cat(pixels_all)
-    texts = [p.text for p, _ in items]
-    group_ids = torch.arange(len(items))
-    scored = score_samples(rewards, pixels, texts, group_ids, cfg.reward_failure)
-    rows = []
-    for n, (prompt, j) in enumerate(items):
-        row: dict[str, Any] = {"prompt_index": prompt.index, "sample": j, "prompt": prompt.text}
-        for k, name in enumerate(scored.scores.names):
-            row[name] = float(scored.scores.values[k, n])
-        rows.append(row)
-    summary = {}
-    for k, name in enumerate(scored.scores.names):
-        values = scored.scores.values[k]
-        summary[name] = {
-            "mean": float(values.mean()),
-            "std": float(values.std()) if values.numel() > 1 else 0.0,
-            "n": float(values.numel()),
-        }
-    _write_outputs(output_dir, rows, summary, pixels, samples_per_prompt, ckpt_path)
-    return EvalResult(rows=rows, summary=summary, output_dir=output_dir)
-
-
-def _write_outputs(
-    output_dir: Path,
-    rows: list[dict[str, Any]],
-    summary: dict[str, dict[str, float]],
-    pixels: torch.Tensor,
-    columns: int,
-    checkpoint: Path | None,
-) -> None:
-    weights = str(checkpoint) if checkpoint else "base"
-    (output_dir / "results.json").write_text(json.dumps({"weights": weights, "summary": summary, "samples": rows}, indent=1))
-    with (output_dir / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"# Evaluation ({weights})", "", "| reward | mean | std | n |", "|---|---|---|---|"]
-    for name, stats in summary.items():
-        std = stats["std"] if math.isfinite(stats["std"]) else 0.0
-        lines.append(f"| {name} | {stats['mean']:.4f} | {std:.4f} | {int(stats['n'])} |")
-    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
-    save_grid(pixels, output_dir / "grid.png", columns if columns > 1 else None)
-    if pixels.ndim == 5:  # videos: every sample as a clip too
-        from dancecore.outputs.video import write_video
-
-        for n, row in enumerate(rows):
-            write_video(pixels[n], output_dir / "videos" / f"prompt{row['prompt_index']:04d}-sample{row['sample']:02d}.mp4")
+    items, pixels = ode_samples(
+        policy, sampler, prompts, samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size, device=device
+    )
+    return score_and_report(
+        rewards, items, pixels, output_dir, weights=(f"EMA of {ckpt_path}" if ema else str(ckpt_path)) if ckpt_path else "base",
+        failure_policy=cfg.reward_failure,
+    )

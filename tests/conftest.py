@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny FLUX run config that trains in about a second per iteration on CPU."""
+"""Shared fixtures: a tiny run config on the torch-only ``testing-tiny`` policy (no diffusers, no
+plugin needed) that trains in milliseconds per iteration on CPU. Tests that need a real
+architecture name ``{"name": "flux", "preset": "tiny"}`` (see ``TINY_FLUX``)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN: dict[str, Any] = {
     "seed": 3,
     "prompts": {"texts": ["a red cube", "a blue sphere", "a green cone", "a yellow torus"]},
-    "policy": {"name": "flux", "preset": "tiny"},
+    "policy": {"name": "testing-tiny"},
     "sampler": {"name": "flow-sde", "num_steps": 4, "shift": 3.0, "eta": 0.3},
     "optimizer": {"name": "grpo", "group_size": 4, "clip_range": 1e-3, "timestep_fraction": 0.6},
     "rewards": [{"name": "brightness", "weight": 1.0}],
@@ -30,6 +32,10 @@ TINY_RUN: dict[str, Any] = {
     },
     "logging": {"progress_bar": False, "tensorboard": False},
 }
+
+
+#: The policy block of a tiny FLUX of the real architecture (needs plugins/dancecore-flux).
+TINY_FLUX: dict[str, Any] = {"name": "flux", "preset": "tiny"}
 
 
 def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class ObjectiveOnly:
 def _quickstart(tmp_path: Path, name: str, iterations: int):
     overrides = [f"output_dir={tmp_path / name}", f"train.iterations={iterations}", "logging.progress_bar=false",
                  "logging.tensorboard=false", "train.checkpoint_every=1000", "train.sample_every=0"]
-    return load_run(ROOT / "configs" / "quickstart.yaml", overrides)
+    return load_run(ROOT / "configs" / "smoke" / "brightness.yaml", overrides)
 
 
 def _with_algorithm(run, name: str, cls: type, **options):
@@ -117,3 +117,30 @@ def test_the_algorithm_key_and_its_old_name(tiny_run) -> None:
         validate(old | {"optimizer": {**spec, "clip_rang": 1}})
     with pytest.raises(ConfigError, match=r"algorithm\.clip_rang: unknown key"):
         validate(new | {"algorithm": {**spec, "clip_rang": 1}})
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen-copy", "lora-disabled"])
+def test_kl_to_the_reference_is_zero_before_the_first_update_and_grows_after(tiny_run, lora):
+    policy = {"name": "flux", "preset": "tiny", **({"lora": {"rank": 4, "target_modules": ["to_q", "to_v"]}} if lora else {})}
+    run = tiny_run(
+        f"kl-{lora}",
+        policy=policy,
+        optimizer={"name": "grpo", "group_size": 4, "clip_range": 1e-2, "kl_beta": 0.5},
+        train={"iterations": 3, "learning_rate": 3e-2},
+    )
+    trainer = Trainer(run)
+    assert trainer.reference is not None and trainer.reference.adapters_off is lora
+    before = {k: v.clone() for k, v in trainer.policy.module.state_dict().items()}
+    trainer.train()
+    kls = [r["kl"] for r in trainer.metrics.read()]
+    assert kls[0] == 0.0  # the reference is the starting point: no KL before any update
+    assert kls[-1] > 0.0
+    if not lora:  # the frozen copy keeps the starting weights while the network moves
+        reference = trainer.reference.copy.state_dict()
+        assert all(torch.equal(reference[k], before[k]) for k in before)
+        assert any(not torch.equal(trainer.policy.module.state_dict()[k], before[k]) for k in before)
+
+
+def test_without_kl_there_is_no_reference(tiny_run):
+    trainer = Trainer(tiny_run("nokl"))
+    assert trainer.reference is None and "kl" not in trainer.iteration(0)

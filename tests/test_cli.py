@@ -17,7 +17,7 @@ def test_validate_ok(tmp_path):
     path = _write(tmp_path, {**TINY_RUN, "output_dir": str(tmp_path / "out")})
     result = run_cli("validate", str(path))
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout and "flux" in result.stdout
+    assert "OK" in result.stdout and "testing-tiny" in result.stdout
     assert not (tmp_path / "out").exists(), "validate must not create outputs or load models"
 
 
@@ -90,7 +90,7 @@ def test_missing_weights_directory_is_a_clear_error(tmp_path):
 def test_ls_lists_recipes():
     result = run_cli("ls")
     assert result.returncode == 0 and "quickstart.yaml" in result.stdout
-    assert (ROOT / "configs" / "quickstart.yaml").is_file()
+    assert (ROOT / "configs" / "smoke" / "brightness.yaml").is_file()
 
 
 def test_validate_reports_deepspeed_passthrough_conflicts(tmp_path):

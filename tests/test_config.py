@@ -18,7 +18,7 @@ def _errors(data) -> list[str]:
 
 def test_tiny_config_validates(tmp_path):
     run = validate({**TINY_RUN, "output_dir": str(tmp_path)})
-    assert run.policy.name == "flux" and run.policy.config.preset == "tiny"
+    assert run.policy.name == "testing-tiny" and run.policy.config.latent_size == 8
     assert run.optimizer.config.group_size == 4
 
 

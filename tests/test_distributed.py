@@ -29,7 +29,7 @@ def run_config(**sections: dict) -> RunConfig:
     base = {
         "output_dir": "unused",
         "prompts": {"texts": ["a"]},
-        "policy": {"name": "flux"},
+        "policy": {"name": "testing-tiny"},
         "sampler": {"name": "flow-sde"},
         "rewards": [{"name": "brightness"}],
         "train": {"iterations": 1, "learning_rate": 2e-5, "grad_clip": 0.01, "weight_decay": 1e-4},
@@ -152,7 +152,7 @@ def test_offload_flags_are_checked_with_the_config() -> None:
     base = {
         "output_dir": "unused",
         "prompts": {"texts": ["a"]},
-        "policy": {"name": "flux", "preset": "tiny"},
+        "policy": {"name": "testing-tiny"},
         "sampler": {"name": "flow-sde"},
         "rewards": [{"name": "brightness"}],
         "train": {"iterations": 1},
@@ -179,7 +179,7 @@ def test_rank_listing() -> None:
 
 def test_rank_command_forwards_config_overrides_and_flags() -> None:
     args = argparse.Namespace(
-        config="configs/quickstart.yaml",
+        config="configs/smoke/brightness.yaml",
         overrides=["train.iterations=2", "seed=1"],
         resume=True,
         allow_pickle=False,
@@ -193,7 +193,7 @@ def test_rank_command_forwards_config_overrides_and_flags() -> None:
         "dancecore.cli",
         "--debug",
         "train",
-        "configs/quickstart.yaml",
+        "configs/smoke/brightness.yaml",
         "train.iterations=2",
         "seed=1",
         "--resume",

@@ -41,3 +41,82 @@ def test_eval_cli_and_bad_prompt_file(tmp_path):
     result = run_cli("eval", str(config), "--prompts", str(good), "--output", str(tmp_path / "ev"))
     assert result.returncode == 0, result.stderr
     assert "| brightness |" in result.stdout and (tmp_path / "ev" / "grid.png").is_file()
+
+
+def _eval_run(tiny_run, tmp_path, name: str, iterations: int, prompts):
+    return tiny_run(
+        name,
+        train={"iterations": iterations, "learning_rate": 3e-2, "checkpoint_every": 1},
+        eval={"prompts": str(prompts), "every": 1, "samples_per_prompt": 2},
+    )
+
+
+def test_periodic_eval_runs_before_during_and_after_and_resumes_on_schedule(tiny_run, tmp_path):
+    prompts = tmp_path / "held_out.txt"
+    prompts.write_text("a purple pyramid\na white ring\n")
+    straight = _eval_run(tiny_run, tmp_path, "straight", 4, prompts)
+    Trainer(straight).train()
+    history = [json.loads(line) for line in (straight.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history] == [0, 1, 2, 3, 4]
+    assert history[0]["eval/brightness"] != history[-1]["eval/brightness"]  # the weights changed
+    for h in history:  # the per-iteration tables are the same numbers as `dancecore eval` writes
+        results = json.loads((straight.config.output_dir / "eval" / f"iter-{h['iteration']:06d}" / "results.json").read_text())
+        assert results["summary"]["brightness"]["mean"] == h["eval/brightness"] and len(results["samples"]) == 4
+    base = evaluate(straight, prompts, tmp_path / "base-eval", samples_per_prompt=2)
+    assert base.summary["brightness"]["mean"] == history[0]["eval/brightness"]
+    # interrupted after 2 iterations, then resumed to 4: the same evaluations at the same iterations
+    interrupted = _eval_run(tiny_run, tmp_path, "interrupted", 2, prompts)
+    Trainer(interrupted).train()
+    resumed = _eval_run(tiny_run, tmp_path, "interrupted", 4, prompts)
+    Trainer(resumed).train(resume=True)
+    again = [json.loads(line) for line in (resumed.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    assert again == history
+
+
+def test_eval_prompts_must_exist(tiny_run, tmp_path):
+    import pytest
+
+    from dancecore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.prompts: prompt file not found"):
+        tiny_run("x", eval={"prompts": str(tmp_path / "missing.txt")})
+
+
+def test_divergence_alarm_fires_when_training_reward_rises_and_gold_falls():
+    from dancecore.config.schema import EvalConfig
+    from dancecore.training.evaluation import divergence_alarm
+
+    config = EvalConfig(prompts="p.txt", every=2, divergence_alarm={"window": 1, "margin": 0.05})
+    metrics = [{"iteration": i, "reward_mean": 0.1 * i} for i in range(4)]  # the training reward keeps rising
+    history = [{"iteration": 0, "eval/gold": 0.5}, {"iteration": 2, "eval/gold": 0.52}, {"iteration": 4, "eval/gold": 0.40}]
+    message = divergence_alarm(config, history, metrics)
+    assert message and "eval/gold fell 0.5200 -> 0.4000" in message and "iterations 2 and 4" in message
+    assert divergence_alarm(config, history[:2], metrics) is None  # gold rose
+    small_drop = [*history[:2], {"iteration": 4, "eval/gold": 0.50}]
+    assert divergence_alarm(config, small_drop, metrics) is None  # within the margin
+    falling = [{"iteration": i, "reward_mean": 1 - 0.1 * i} for i in range(4)]
+    assert divergence_alarm(config, history, falling) is None  # both fell: not over-optimisation
+
+
+def test_divergence_alarm_can_stop_the_run_with_a_checkpoint(tiny_run, tmp_path):
+    prompts = tmp_path / "held_out.txt"
+    prompts.write_text("a purple pyramid\n")
+    # the alarm's decision is tested above; here it is forced at iteration 2 to test what the loop does
+    run = tiny_run(
+        "alarm",
+        train={"iterations": 6, "learning_rate": 3e-2, "checkpoint_every": 100},
+        eval={"prompts": str(prompts), "every": 1, "divergence_alarm": {"window": 1, "margin": 1e-9, "stop": True}},
+    )
+    trainer = Trainer(run)
+    import dancecore.training.evaluation as evaluation
+
+    real = evaluation.divergence_alarm
+    evaluation.divergence_alarm = lambda config, history, metrics: "alarm" if history[-1]["iteration"] == 2 else None
+    try:
+        status = trainer.train()
+    finally:
+        evaluation.divergence_alarm = real
+    assert status == "stopped"
+    history = [json.loads(line) for line in (run.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history] == [0, 1, 2] and history[-1]["alarm"] == "alarm"
+    assert (run.config.output_dir / "checkpoints" / "iter-00000002").is_dir()

@@ -16,10 +16,14 @@ ALLOWED = {"dancecore", "dancecore.testing"}
 
 
 def _core_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every import of a ``dancecore`` module in a file."""
+    """(line, module) of every import of a ``dancecore`` module in a file; ``from dancecore import x``
+    of a name that is not public counts as importing ``dancecore.x``."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.ImportFrom) and node.module == "dancecore" and node.level == 0:
+            public = set(dancecore.__all__)
+            modules = ["dancecore" if a.name in public else f"dancecore.{a.name}" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             modules = [node.module]
         elif isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
@@ -45,8 +49,13 @@ def test_plugins_and_examples_import_only_the_public_api() -> None:
 
 def test_the_check_itself_catches_a_private_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
-    bad.write_text("from dancecore.training.trainer import Trainer\nimport dancecore.functional.sde as s\nfrom dancecore import Policy\n")
-    assert [m for _, m in _core_imports(bad)] == ["dancecore.training.trainer", "dancecore.functional.sde", "dancecore"]
+    bad.write_text(
+        "from dancecore.training.trainer import Trainer\nimport dancecore.functional.sde as s\n"
+        "from dancecore import Policy\nfrom dancecore import registry\n"
+    )
+    assert [m for _, m in _core_imports(bad)] == [
+        "dancecore.training.trainer", "dancecore.functional.sde", "dancecore", "dancecore.registry",
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(dancecore._EXPORTS))
@@ -83,3 +92,42 @@ def test_architecture_doc_names_every_subpackage() -> None:
     assert len(packages) >= 4
     missing = [name for name in packages if f"`{name}/`" not in doc]
     assert not missing, f"docs/architecture.md does not place {missing}"
+
+
+#: package -> the dancecore packages/modules it may import (docs/architecture.md, "The tree").
+ALLOWED_IMPORTS = {
+    "errors": set(),
+    "contracts": {"contracts"},
+    "functional": {"functional", "contracts"},
+    "plugin_kit": {"plugin_kit", "contracts", "errors"},
+    "builtins": {"builtins", "functional", "contracts", "plugin_kit", "errors"},
+    "checkpoint": {"checkpoint", "errors"},
+    "outputs": {"outputs", "contracts", "errors"},
+}
+
+
+def test_subpackages_import_only_what_is_below_them() -> None:
+    problems = []
+    for package, allowed in ALLOWED_IMPORTS.items():
+        base = ROOT / "dancecore" / package
+        files = [base.with_suffix(".py")] if base.with_suffix(".py").is_file() else sorted(base.rglob("*.py"))
+        for path in files:
+            for line, module in _core_imports(path):
+                top = module.split(".")[1] if module.count(".") else "dancecore"
+                if top not in allowed:
+                    problems.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not problems, "dependency order broken:\n" + "\n".join(problems)
+
+
+def test_only_the_distributed_package_imports_deepspeed() -> None:
+    offending = []
+    for path in sorted((ROOT / "dancecore").rglob("*.py")):
+        if "distributed" in path.parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            )
+            offending += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "deepspeed"]
+    assert not offending, offending

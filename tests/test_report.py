@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     run = load_run(
-        ROOT / "configs" / "quickstart.yaml",
+        ROOT / "configs" / "smoke" / "brightness.yaml",
         [
             f"output_dir={out}",
             "train.iterations=3",
@@ -163,3 +163,24 @@ def test_report_opens_in_headless_chromium_without_errors(tiny_run: Path, tmp_pa
     grids = len(list((tiny_run / "samples").glob("iter-*.png")))
     assert f'data-images-loaded="{grids}/{grids}"' in dom
     assert f'data-charts="{CHART_COUNT}"' in dom
+
+
+def test_report_shows_held_out_evaluation_and_alarms(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "with-eval"
+    shutil.copytree(tiny_run, run)
+    history = [
+        {"iteration": 0, "eval/gold": 0.5},
+        {"iteration": 3, "eval/gold": 0.3, "alarm": "over-optimisation alarm: gold fell"},
+    ]
+    (run / "eval").mkdir()
+    (run / "eval" / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    grid = next((run / "samples").glob("iter-*.png"))
+    for h in history:
+        (run / "eval" / f"iter-{h['iteration']:06d}").mkdir()
+        shutil.copy(grid, run / "eval" / f"iter-{h['iteration']:06d}" / "grid.png")
+    page = render(run)
+    assert page.count('<svg class="chart"') == CHART_COUNT + 1
+    assert "Training reward and held-out (gold) metrics" in page and "held-out gold" in page
+    assert '<p class="alarm">over-optimisation alarm: gold fell</p>' in page
+    assert "held-out samples after 0 iterations" in page and "held-out samples after 3 iterations" in page
+    assert "Held-out evaluation" not in render(tiny_run)  # runs without eval: no section

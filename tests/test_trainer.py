@@ -1,4 +1,4 @@
-"""The training loop on the tiny FLUX policy: exact ratios, reproducibility, resume, outputs."""
+"""The training loop on the torch-only tiny policy: exact ratios, reproducibility, resume, outputs."""
 
 from __future__ import annotations
 

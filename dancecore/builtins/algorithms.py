@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, Field
@@ -26,6 +26,7 @@ from dancecore.functional.grpo import (
     sample_timestep_subset,
     trainable_steps,
 )
+from dancecore.functional.sde import gaussian_mean_kl
 
 
 class ClippedRatioObjective(Protocol):
@@ -48,12 +49,19 @@ def _mean(values: Sequence[Any]) -> float:
 
 
 def clipped_ratio_pass(
-    objective: ClippedRatioObjective, rollout: Rollout, advantages: torch.Tensor, chosen: torch.Tensor, services: TrainingServices
+    objective: ClippedRatioObjective,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    chosen: torch.Tensor,
+    services: TrainingServices,
+    kl_beta: float = 0.0,
 ) -> dict[str, float]:
     """Clipped policy-gradient updates on a random subset of each chosen sample's steps.
 
     Backward per micro-batch with the loss scaled by 1/(samples per update x steps per sample); one
-    optimizer step per ``train.samples_per_update`` trajectories (all of them by default).
+    optimizer step per ``train.samples_per_update`` trajectories (all of them by default). With
+    ``kl_beta > 0`` each trained step adds ``kl_beta * ||mu - mu_ref||^2 / (2 std^2)`` (averaged over
+    the latent, like the log-probs) against the reference policy, logged as ``kl``.
     """
     traj = rollout.trajectory
     candidates = trainable_steps(rollout.stochastic)
@@ -64,6 +72,7 @@ def clipped_ratio_pass(
     losses: list[torch.Tensor] = []
     clipfracs: list[torch.Tensor] = []
     ratios: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
     norms: list[float] = []
     for start in range(0, len(chosen), per_update):
         members = torch.arange(start, min(start + per_update, len(chosen)))
@@ -73,7 +82,12 @@ def clipped_ratio_pass(
             s, t = batch.samples, batch.steps
             adv = advantages[s].to(services.device)
             result = objective.loss(batch.step.log_prob, traj.log_probs[s, t].to(services.device), adv)
-            loss = batch.real_rows(result.loss).sum() * scale  # padding rows add nothing
+            per_row = result.loss
+            if kl_beta > 0:
+                kl = _kl_to_reference(batch, services.reference_step(rollout, batch))
+                per_row = per_row + kl_beta * kl
+                kls.append(batch.real_rows(kl).detach().mean())
+            loss = batch.real_rows(per_row).sum() * scale  # padding rows add nothing
             if services.any_rank(not bool(torch.isfinite(loss))):  # every rank skips together
                 finite = False
                 break
@@ -85,10 +99,23 @@ def clipped_ratio_pass(
             services.skip_update("non-finite loss")
             continue
         norms.append(services.optimizer_step())
-    return {"loss": _mean(losses), "clip_fraction": _mean(clipfracs), "ratio_mean": _mean(ratios), "grad_norm": _mean(norms)}
+    stats = {"loss": _mean(losses), "clip_fraction": _mean(clipfracs), "ratio_mean": _mean(ratios), "grad_norm": _mean(norms)}
+    if kl_beta > 0:
+        stats["kl"] = _mean(kls)
+    return stats
 
 
-def train_clipped_ratio(objective: ClippedRatioObjective, name: str, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
+def _kl_to_reference(batch: Any, reference: Any) -> torch.Tensor:
+    """Per-row KL between the trained step and the reference step (same std, same inputs)."""
+    step = batch.step
+    if step.mean is None or step.std is None or reference.mean is None:
+        raise TrainingError("KL regularisation needs a sampler whose steps report their Gaussian mean and std")
+    return gaussian_mean_kl(step.mean, reference.mean, step.std)
+
+
+def train_clipped_ratio(
+    objective: ClippedRatioObjective, name: str, rollout: Rollout, services: TrainingServices, kl_beta: float = 0.0
+) -> dict[str, float]:
     """Advantages over the kept samples, the samples to train, then :func:`clipped_ratio_pass`."""
     traj, keep = rollout.trajectory, rollout.keep
     group_ids = rollout.kept_group_ids
@@ -105,7 +132,7 @@ def train_clipped_ratio(objective: ClippedRatioObjective, name: str, rollout: Ro
     stats = dict(NO_UPDATE)
     if chosen.numel():
         with services.timed("update"):
-            stats = clipped_ratio_pass(objective, rollout, advantages, chosen, services)
+            stats = clipped_ratio_pass(objective, rollout, advantages, chosen, services, kl_beta)
     zero_groups = sum(int(bool((advantages[traj.group_ids == gid] == 0).all())) for gid in torch.unique(group_ids))
     return {**stats, "zero_advantage_groups": float(zero_groups)}
 
@@ -123,14 +150,24 @@ class GRPO:
         best_of: int | None = Field(
             None, ge=1, description="Best-of-N: train only the top-k and bottom-k of each group (pool)."
         )
+        kl_beta: float = Field(
+            0.0, ge=0, description="KL to the reference policy, beta ||mu - mu_ref||^2 / 2 std^2 per step (Flow-GRPO)."
+        )
+        reference_dtype: Literal["float32", "bfloat16"] = Field(
+            "float32", description="dtype of the frozen reference copy (without LoRA)."
+        )
+        reference_device: Literal["same", "cpu"] = Field(
+            "same", description="Keep the frozen reference copy on the training device or in CPU memory."
+        )
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
         self.group_size = config.group_size
+        self.needs_reference = config.kl_beta > 0
 
     def train(self, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
-        """Advantages, sample selection and the clipped-ratio training pass."""
-        return train_clipped_ratio(self, "grpo", rollout, services)
+        """Advantages, sample selection and the clipped-ratio training pass (plus KL when kl_beta > 0)."""
+        return train_clipped_ratio(self, "grpo", rollout, services, self.config.kl_beta)
 
     def advantages(self, scores: RewardScores, group_ids: torch.Tensor) -> torch.Tensor:
         """Per-reward group normalisation, weighted sum, clamp."""

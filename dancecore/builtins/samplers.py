@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -12,9 +13,11 @@ from dancecore.contracts.protocols import BuildContext
 from dancecore.contracts.records import Schedule, StepResult
 from dancecore.functional.sde import (
     StepCoefficients,
+    cps_coefficients,
     ddim_coefficients,
     ddim_timesteps,
     flow_coefficients,
+    flow_grpo_noise_level,
     linear_gaussian_step,
     shifted_sigmas,
     split_coefficients,
@@ -44,6 +47,41 @@ class _CoefficientTables:
         return split_coefficients(hit[1][index.to(like.device)], like.ndim)
 
 
+class _FlowScheduleConfig(ComponentConfig):
+    """The schedule options every rectified-flow sampler shares."""
+
+    num_steps: int = Field(16, ge=2, description="Number of sampling steps N.")
+    shift: float = Field(3.0, gt=0, description="SD3 time shift k (3 FLUX, 5 HunyuanVideo, 7 SkyReels).")
+    sde_window: int | None = Field(
+        None, ge=1, description="If set, only this many consecutive steps are stochastic (mixed ODE/SDE)."
+    )
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> _FlowScheduleConfig:
+        if self.sde_window is not None and self.sde_window > self.num_steps - 1:
+            raise ValueError(f"sde_window ({self.sde_window}) must be <= num_steps - 1 ({self.num_steps - 1})")
+        return self
+
+
+def _flow_schedule(config: _FlowScheduleConfig, num_steps: int | None) -> Schedule:
+    sigmas = shifted_sigmas(num_steps or config.num_steps, config.shift)
+    return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
+
+
+def _window_mask(config: _FlowScheduleConfig, num_steps: int, iteration: int) -> torch.Tensor:
+    """Without a window every step is stochastic. With a window of W steps, the window starts at
+    ``iteration mod (N - W)`` so that it sweeps the schedule over training; the last step is never
+    inside it."""
+    mask = torch.ones(num_steps, dtype=torch.bool)
+    window = config.sde_window
+    if window is None:
+        return mask
+    start = iteration % max(1, num_steps - window)
+    mask[:] = False
+    mask[start : start + window] = True
+    return mask
+
+
 class FlowSDESampler:
     """The DanceGRPO stochastic sampler for rectified-flow models (FLUX, HunyuanVideo, SkyReels).
 
@@ -52,48 +90,31 @@ class FlowSDESampler:
     stochastic (the rest are ODE steps that are never trained).
     """
 
-    class Config(ComponentConfig):
+    class Config(_FlowScheduleConfig):
         """Options of the ``flow-sde`` sampler."""
 
-        num_steps: int = Field(16, ge=2, description="Number of sampling steps N.")
-        shift: float = Field(3.0, gt=0, description="SD3 time shift k (3 FLUX, 5 HunyuanVideo, 7 SkyReels).")
-        eta: float = Field(0.3, gt=0, description="Noise level of the SDE (0.25 for HunyuanVideo).")
-        sde_window: int | None = Field(
-            None, ge=1, description="If set, only this many consecutive steps are stochastic (mixed ODE/SDE)."
+        eta: float = Field(
+            0.3, gt=0, description="Noise level of the SDE (0.25 HunyuanVideo); with `noise: flow-grpo`, its a (0.7)."
         )
-
-        @model_validator(mode="after")
-        def _window_fits(self) -> FlowSDESampler.Config:
-            if self.sde_window is not None and self.sde_window > self.num_steps - 1:
-                raise ValueError(f"sde_window ({self.sde_window}) must be <= num_steps - 1 ({self.num_steps - 1})")
-            return self
+        noise: Literal["constant", "flow-grpo"] = Field(
+            "constant",
+            description="'constant': DanceGRPO's std eta sqrt(d); 'flow-grpo': eta_t = eta sqrt(sigma / (1 - sigma)).",
+        )
 
     prediction_type = "flow"
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
-        self._coefficients = _CoefficientTables(flow_coefficients)
+        build = _flow_grpo_coefficients if config.noise == "flow-grpo" else flow_coefficients
+        self._coefficients = _CoefficientTables(build)
 
     def schedule(self, num_steps: int | None = None) -> Schedule:
         """Shifted sigmas; timesteps are the first N sigmas."""
-        sigmas = shifted_sigmas(num_steps or self.config.num_steps, self.config.shift)
-        return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
+        return _flow_schedule(self.config, num_steps)
 
     def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
-        """Boolean mask of the stochastic (trainable) steps at ``iteration``.
-
-        Without a window every step is stochastic. With a window of W steps, the window starts at
-        ``iteration mod (N - W)`` so that it sweeps the schedule over training; the last step is
-        never inside it.
-        """
-        mask = torch.ones(num_steps, dtype=torch.bool)
-        window = self.config.sde_window
-        if window is None:
-            return mask
-        start = iteration % max(1, num_steps - window)
-        mask[:] = False
-        mask[start : start + window] = True
-        return mask
+        """Boolean mask of the stochastic (trainable) steps at ``iteration`` (see :func:`_window_mask`)."""
+        return _window_mask(self.config, num_steps, iteration)
 
     def step(
         self,
@@ -115,6 +136,57 @@ class FlowSDESampler:
             stochastic=not deterministic,
             noise=noise,
             next_latents=next_latents,
+        )
+
+
+def _flow_grpo_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+    """Flow-GRPO's SDE: DanceGRPO's mean with the per-step noise level a sqrt(sigma / (1 - sigma))."""
+    if eta == 0.0:
+        return flow_coefficients(sigma, sigma_next, 0.0)
+    guard = sigma_next[0] if sigma_next.numel() else sigma.new_tensor(0.0)  # the schedule's second sigma
+    return flow_coefficients(sigma, sigma_next, flow_grpo_noise_level(sigma, eta, guard))
+
+
+class FlowCPSSampler:
+    """Coefficients-preserving sampling (CPS) for rectified flow: each stochastic step lands on the
+    deterministic schedule's signal/noise coefficients (see :func:`~dancecore.functional.sde.cps_coefficients`);
+    ``eta`` sets the angle alpha = eta pi / 2 of fresh noise. Same schedule, window and options as ``flow-sde``."""
+
+    class Config(_FlowScheduleConfig):
+        """Options of the ``flow-cps`` sampler."""
+
+        eta: float = Field(0.5, gt=0, le=1, description="Fraction of a quarter turn of fresh noise per step (alpha = eta pi/2).")
+
+    prediction_type = "flow"
+
+    def __init__(self, config: Config, context: BuildContext | None = None) -> None:
+        self.config = config
+        self._coefficients = _CoefficientTables(cps_coefficients)
+
+    def schedule(self, num_steps: int | None = None) -> Schedule:
+        """The same shifted sigmas as ``flow-sde``."""
+        return _flow_schedule(self.config, num_steps)
+
+    def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
+        """The same SDE window as ``flow-sde``."""
+        return _window_mask(self.config, num_steps, iteration)
+
+    def step(
+        self,
+        schedule: Schedule,
+        index: int | torch.Tensor,
+        latents: torch.Tensor,
+        model_output: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        next_latents: torch.Tensor | None = None,
+        deterministic: bool = False,
+    ) -> StepResult:
+        """One CPS step (the Euler step when ``deterministic``)."""
+        eta = 0.0 if deterministic else self.config.eta
+        return linear_gaussian_step(
+            latents, model_output, self._coefficients(schedule, eta, index, latents),
+            stochastic=not deterministic, noise=noise, next_latents=next_latents,
         )
 
 

@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 #: Pieces of training state a resume restores (names used by the test-only skip hook).
 RESTORABLE_PIECES = (
-    "optimizer", "schedule", "data_cursor", "sampler_rng", "step_counter", "rng", "counters", "algorithm",
+    "optimizer", "schedule", "data_cursor", "sampler_rng", "step_counter", "rng", "counters", "algorithm", "ema",
 )
 
 _COMMITTED = re.compile(r"^iter-(\d{8})$")
@@ -70,6 +70,7 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     state: dict[str, Any]
     rank_state: dict[str, Any] | None = None
+    ema: dict[str, torch.Tensor] | None = None  # the EMA of the trained weights, when the run keeps one
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,40 @@ class PromptsConfig(StrictModel):
         return self
 
 
+class DivergenceAlarmConfig(StrictModel):
+    """The over-optimisation alarm: the training reward rises while a gold (evaluation) metric falls."""
+
+    gold: str | None = Field(None, description="Evaluation reward to watch (default: the first evaluation reward).")
+    window: int = Field(2, ge=1, description="Compare each evaluation with the one this many evaluations earlier.")
+    margin: float = Field(0.05, gt=0, description="Alarm when the gold metric fell by more than this (absolute).")
+    stop: bool = Field(False, description="Stop the run (with a checkpoint) when the alarm fires.")
+
+
+class EvalConfig(StrictModel):
+    """Held-out evaluation during training: deterministic (ODE) samples of fixed prompts and seeds,
+    scored by their own rewards (the "gold" metrics; the training rewards by default)."""
+
+    prompts: Path = Field(description="Held-out prompt file (.txt or .jsonl), disjoint from the training prompts.")
+    every: int = Field(0, ge=0, description="Evaluate every this many iterations (0: only before training and at the end).")
+    at_start: bool = Field(True, description="Evaluate the base weights before the first iteration.")
+    samples_per_prompt: int = Field(1, ge=1, description="Samples per prompt, each from its own fixed seed.")
+    seed: int = Field(0, description="Seed of the evaluation noise (independent of the run seed).")
+    batch_size: int = Field(8, ge=1, description="Samples per network call.")
+    rewards: list[RewardSpec] | None = Field(None, description="Rewards to evaluate with (default: the training rewards).")
+    use_ema: bool = Field(True, description="Evaluate the EMA weights when the run keeps an EMA (train.ema).")
+    divergence_alarm: DivergenceAlarmConfig | None = Field(
+        None, description="Warn (or stop) when the training reward rises while the gold metric falls."
+    )
+
+
+class EmaConfig(StrictModel):
+    """An exponential moving average of the trained weights (fp32), kept in every checkpoint."""
+
+    decay: float = Field(0.9, gt=0, lt=1, description="ema = decay * ema + (1 - decay) * weights (0.9 in Flow-GRPO).")
+    every: int = Field(8, ge=1, description="Update the average every this many optimizer updates (8 in Flow-GRPO).")
+    device: Literal["same", "cpu"] = Field("same", description="Keep the average on the training device or in CPU memory.")
+
+
 class TrainConfig(StrictModel):
     """The outer loop: iterations, batch sizes and the AdamW update."""
 
@@ -90,6 +124,7 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(3, ge=1, description="How many checkpoints to keep (oldest rotated out).")
     sample_every: int = Field(0, ge=0, description="Save a sample grid every K iterations (0: first/last only).")
     max_nonfinite_updates: int = Field(3, ge=1, description="Abort after this many non-finite updates in a row.")
+    ema: EmaConfig | None = Field(None, description="Keep an EMA of the trained weights (used by eval when present).")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU).")
     compile: bool = Field(
         False,
@@ -161,6 +196,7 @@ class RunConfig(StrictModel):
     rewards: list[RewardSpec] = Field(min_length=1)
     train: TrainConfig
     reward_failure: RewardFailureConfig = Field(default_factory=lambda: RewardFailureConfig())
+    eval: EvalConfig | None = Field(None, description="Periodic held-out evaluation (none by default).")
     distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig())
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -342,6 +378,7 @@ class ResolvedRun:
     sampler: ResolvedComponent
     algorithm: ResolvedComponent
     rewards: tuple[ResolvedComponent, ...]
+    eval_rewards: tuple[ResolvedComponent, ...] = ()
 
     @property
     def optimizer(self) -> ResolvedComponent:
@@ -368,6 +405,10 @@ def _check_files(config: RunConfig, base: Path | None, errors: list[str]) -> Non
         path = config.prompts.path if base is None or config.prompts.path.is_absolute() else base / config.prompts.path
         if not path.is_file():
             errors.append(f"prompts.path: prompt file not found: {config.prompts.path}")
+    if config.eval is not None:
+        path = config.eval.prompts if base is None or config.eval.prompts.is_absolute() else base / config.eval.prompts
+        if not path.is_file():
+            errors.append(f"eval.prompts: prompt file not found: {config.eval.prompts}")
 
 
 def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
@@ -382,6 +423,8 @@ def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
     sampler = _resolve_component("sampler", config.sampler, "sampler", errors)
     algorithm = _resolve_component("algorithm", config.algorithm, algorithm_key(data), errors)
     rewards = [_resolve_component("reward", r, f"rewards[{i}]", errors) for i, r in enumerate(config.rewards)]
+    eval_specs = config.eval.rewards if config.eval and config.eval.rewards else []
+    eval_rewards = [_resolve_component("reward", r, f"eval.rewards[{i}]", errors) for i, r in enumerate(eval_specs)]
     _check_files(config, None, errors)
     if policy and sampler:
         wanted = getattr(policy.cls, "prediction_type", None)
@@ -393,8 +436,11 @@ def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
             )
     if errors:
         raise ConfigError(errors, source)
-    assert policy and sampler and algorithm and all(rewards)
-    return ResolvedRun(config, policy, sampler, algorithm, tuple(r for r in rewards if r is not None))
+    assert policy and sampler and algorithm and all(rewards) and all(eval_rewards)
+    return ResolvedRun(
+        config, policy, sampler, algorithm, tuple(r for r in rewards if r is not None),
+        tuple(r for r in eval_rewards if r is not None),
+    )
 
 
 def algorithm_key(data: dict[str, Any]) -> str:

@@ -149,6 +149,10 @@ class TrainingServices(Protocol):
         """The policy's prediction (with gradient) for arbitrary latents of the given samples' prompts."""
         ...
 
+    def reference_step(self, rollout: Rollout, batch: Transitions) -> StepResult:
+        """The reference policy's step on a replayed micro-batch (algorithms with ``needs_reference``)."""
+        ...
+
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of ``loss`` (already scaled by the caller)."""
         ...
@@ -175,6 +179,16 @@ class TrainingServices(Protocol):
 
 
 @runtime_checkable
+class SummarizingReward(Reward, Protocol):
+    """A reward that can break its scores down by group (e.g. GenEval's task types); evaluation
+    tables show the breakdown next to the mean."""
+
+    def summarize(self, prompts: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
+        """Group name -> score (for instance per task, plus ``overall``)."""
+        ...
+
+
+@runtime_checkable
 class Algorithm(Protocol):
     """A training algorithm (GRPO, reward-weighted regression, ...): it owns the training pass.
 
@@ -191,6 +205,15 @@ class Algorithm(Protocol):
     def train(self, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
         """One iteration's training pass; returns this rank's metrics."""
         ...
+
+
+@runtime_checkable
+class ReferenceAlgorithm(Algorithm, Protocol):
+    """An algorithm that may regularise towards a reference policy (KL): when ``needs_reference``
+    is true the core provides one (the LoRA-disabled network, or a frozen copy of the weights at
+    the start of training) through :meth:`TrainingServices.reference_step`."""
+
+    needs_reference: bool
 
 
 @runtime_checkable

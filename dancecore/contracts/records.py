@@ -58,11 +58,17 @@ class Schedule:
 
 @dataclass(frozen=True)
 class StepResult:
-    """One stochastic transition: the next latent, its log-probability and the clean estimate."""
+    """One stochastic transition: the next latent, its log-probability and the clean estimate.
+
+    Samplers whose step is Gaussian may also report its ``mean`` (shaped like the latent) and
+    ``std`` (a scalar or one value per row, broadcastable to the latent); KL regularisation uses them.
+    """
 
     next_latents: torch.Tensor
     log_prob: torch.Tensor
     x0_hat: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

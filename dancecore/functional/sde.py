@@ -73,18 +73,54 @@ def _stack_coefficients(
     return torch.stack(parts, dim=-1).float()
 
 
-def flow_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+def flow_grpo_noise_level(sigma: torch.Tensor, a: float, sigma_at_one: float | torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's sigma-dependent noise level ``eps_t = a sqrt(sigma / (1 - sigma))`` (a = 0.7 in
+    Flow-GRPO). At ``sigma == 1`` the ratio is infinite; as Flow-GRPO does, ``1 - sigma`` is then
+    taken at ``sigma_at_one`` (the schedule's next sigma), which keeps the first step finite."""
+    s = sigma.to(torch.float64)
+    guarded = torch.where(s >= 1.0, torch.as_tensor(sigma_at_one, dtype=torch.float64), s)
+    return a * torch.sqrt(s / (1.0 - guarded))
+
+
+def flow_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float | torch.Tensor) -> torch.Tensor:
     """Constants of the rectified-flow step from ``sigma`` to ``sigma_next`` (scalars or vectors).
 
     With ``s = sigma``, ``d = sigma - sigma_next``, ``x0 = x - s v`` and the score
     ``-(x - (1 - s) x0) / s^2``, DanceGRPO's SDE step has mean ``x - d v + eta^2 d score / 2`` and
     std ``eta sqrt(d)``. Expanded: ``c = eta^2 d / (2 s)``, ``mean = (1 - c) x - (d + c (1 - s)) v``.
-    ``eta = 0`` gives the Euler (ODE) step ``x - d v``.
+    ``eta = 0`` gives the Euler (ODE) step ``x - d v``. ``eta`` may be one value per step (Flow-GRPO's
+    sigma-dependent noise, :func:`flow_grpo_noise_level`): the mean has the same form, the std is
+    ``eta_t sqrt(d)``.
     """
     s = sigma.to(torch.float64)
     d = s - sigma_next.to(torch.float64)
-    c = eta**2 * d / (2.0 * s)
-    return _stack_coefficients(1.0 - c, -(d + c * (1.0 - s)), torch.ones_like(s), -s, eta * torch.sqrt(d))
+    e = torch.as_tensor(eta, dtype=torch.float64)
+    c = e**2 * d / (2.0 * s)
+    return _stack_coefficients(1.0 - c, -(d + c * (1.0 - s)), torch.ones_like(s), -s, e * torch.sqrt(d))
+
+
+def cps_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
+    """Constants of the coefficients-preserving (CPS) step from ``sigma`` to ``sigma_next``.
+
+    With ``x0 = x - s v`` and ``eps = x + (1 - s) v`` (both exact for rectified flow), the next latent
+    keeps the deterministic schedule's signal/noise coefficients:
+    ``x' = (1 - s') x0 + s' (cos(alpha) eps + sin(alpha) z)``, ``alpha = eta pi / 2``, ``z ~ N(0, I)``.
+    So ``mean = (1 - s' + s' cos(alpha)) x + (s' cos(alpha) (1 - s) - (1 - s') s) v`` and
+    ``std = s' sin(alpha)``. ``eta = 0`` is the Euler step; the last step (``s' = 0``) is
+    deterministic whatever eta.
+
+    Log-probability convention: dancecore scores a CPS transition with the full Gaussian density
+    (the same averaged log-density as every other step), so ratios are exact and comparable across
+    samplers. Flow-GRPO's CPS code drops the ``1 / (2 std^2)`` scale and the normaliser, which
+    changes the size of a log-prob difference (hence what a clip range means) but not its sign.
+    """
+    s = sigma.to(torch.float64)
+    sn = sigma_next.to(torch.float64)
+    alpha = torch.as_tensor(eta * math.pi / 2.0, dtype=torch.float64)
+    cos, sin = torch.cos(alpha), torch.sin(alpha)
+    a = (1.0 - sn) + sn * cos
+    b = sn * cos * (1.0 - s) - (1.0 - sn) * s
+    return _stack_coefficients(a, b, torch.ones_like(s), -s, sn * sin)
 
 
 def ddim_coefficients(alpha_prod: torch.Tensor, alpha_prod_prev: torch.Tensor, eta: float) -> torch.Tensor:
@@ -165,7 +201,17 @@ def linear_gaussian_step(
         next_latents = torch.addcmul(mean, k.std, _fp32(noise))
     mean_square = (_fp32(next_latents) - mean).square().mean(dim=tuple(range(1, x.ndim)))
     log_prob = torch.addcmul(k.logp_shift, k.logp_scale, mean_square)
-    return StepResult(next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype))
+    return StepResult(
+        next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype), mean=mean, std=k.std
+    )
+
+
+def gaussian_mean_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between two Gaussian steps with the same std, averaged over non-batch dimensions (as the
+    log-probabilities are): ``mean((mu - mu_ref)^2) / (2 std^2)`` per row (Flow-GRPO's KL term)."""
+    dims = tuple(range(1, mean.ndim))
+    per_element = (mean.float() - reference_mean.float()).square() / (2.0 * std.float().square().clamp(min=1e-20))
+    return per_element.mean(dim=dims)
 
 
 def flow_sde_step(

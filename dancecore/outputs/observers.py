@@ -46,7 +46,7 @@ def scalar_tags(record: dict[str, Any]) -> dict[str, float]:
     for key, value in record.items():
         if key == "iteration" or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        tag = _TAGS.get(key) or (key if key.startswith(("reward/", "time/")) else f"metrics/{key}")
+        tag = _TAGS.get(key) or (key if key.startswith(("reward/", "time/", "eval/")) else f"metrics/{key}")
         out[tag] = float(value)
     return out
 

@@ -296,7 +296,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .charts{display:flex;flex-wrap:wrap;gap:12px} svg.chart{background:#fff;border:1px solid #e3e3e3;border-radius:4px}
 svg .title{font-size:13px;font-weight:600} svg .tick{font-size:10px;fill:#555} svg .label{font-size:11px;fill:#444}
 svg .legend{font-size:10px;fill:#333} svg .grid{stroke:#eee} svg .axis{stroke:#999} svg .band{fill:#1f77b4;opacity:.15}
-svg .empty{font-size:12px;fill:#999} figure{margin:0 0 14px} figcaption{font-size:13px;color:#444;margin-bottom:4px}
+svg .empty{font-size:12px;fill:#999} p.alarm{color:#b00;font-weight:600} figure{margin:0 0 14px} figcaption{font-size:13px;color:#444;margin-bottom:4px}
 figure img{image-rendering:pixelated;border:1px solid #ddd;max-width:100%;height:auto}
 pre{background:#f6f6f6;padding:10px;font-size:12px;overflow:auto;max-height:420px}
 """
@@ -309,6 +309,36 @@ window.addEventListener("load", function () {
   document.documentElement.setAttribute("data-charts", String(document.querySelectorAll("svg.chart").length));
 });
 """
+
+
+def load_eval_history(output_dir: Path) -> list[dict[str, Any]]:
+    """The run's periodic held-out evaluations (``eval/history.jsonl``), empty without ``eval:``."""
+    path = output_dir / "eval" / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _eval_section(output_dir: Path, its: list[float], mean: list[float], history: list[dict[str, Any]]) -> list[str]:
+    """The chart of training reward against the gold (held-out) metrics, alarms, and the eval grids."""
+    if not history:
+        return []
+    esc = html.escape
+    gold = sorted({k for h in history for k in h if k.startswith("eval/") and k.count("/") == 1})
+    xs = [float(h["iteration"]) for h in history]
+    series = [Series("training reward", its, mean, PALETTE[0])] + [
+        Series(f"held-out {k.removeprefix('eval/')}", xs, [h.get(k, math.nan) for h in history], PALETTE[(i + 3) % len(PALETTE)])
+        for i, k in enumerate(gold)
+    ]
+    parts = ["<h2>Held-out evaluation</h2>", line_chart("Training reward and held-out (gold) metrics", series, y_label="score")]
+    parts += [f'<p class="alarm">{esc(h["alarm"])}</p>' for h in history if h.get("alarm")]
+    for h in _evenly(history, MAX_GRIDS):
+        grid = output_dir / "eval" / f"iter-{h['iteration']:06d}" / "grid.png"
+        if grid.is_file():
+            uri, display_width = png_data_uri(grid)
+            label = f"held-out samples after {h['iteration']} iterations"
+            parts.append(f'<figure><figcaption>{label}</figcaption><img alt="{label}" width="{display_width}" src="{uri}"></figure>')
+    return parts
 
 
 def render(output_dir: Path) -> str:
@@ -406,6 +436,7 @@ def render(output_dir: Path) -> str:
             f'<div class="meta">{esc(str(output_dir.resolve()))} &middot; report written {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</div>',
             f'<h2>Summary</h2><table class="summary">{summary_rows}</table>',
             '<h2>Curves</h2><div class="charts">' + "".join(charts) + "</div>",
+            *_eval_section(output_dir, its, mean, load_eval_history(output_dir)),
             "<h2>Samples over time</h2>",
             "".join(f'<p class="meta">{n}</p>' for n in notes) or "",
             "".join(figures) if figures else '<p class="meta">no sample grid in samples/</p>',

@@ -76,6 +76,8 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
         samples_per_update=cfg.train.samples_per_update,
         max_nonfinite_updates=cfg.train.max_nonfinite_updates,
         timed=trainer.timed,
+        reference=trainer.reference_policy,
+        ema=trainer.ema,
     )
     stats = trainer.algorithm.train(rollout, services)
 

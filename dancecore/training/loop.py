@@ -107,6 +107,8 @@ def run_loop(trainer: Trainer, resume: bool = False, log: Any = print, *, allow_
     status = "finished"
     done = trainer.start_iteration
     try:
+        if done == 0:
+            evaluate_if_due(trainer, 0, total, observers, log)
         for it in range(trainer.start_iteration, total):
             try:
                 record = trainer.iteration(it)
@@ -117,14 +119,9 @@ def run_loop(trainer: Trainer, resume: bool = False, log: Any = print, *, allow_
                 raise
             done = it + 1
             if trainer.is_main:
-                trainer.metrics.append(record)
-                observers.scalars(it, record)
-                if write_samples(trainer, it, total):
-                    observers.images(it, trainer._last_pixels, trainer.group_size)
-                if bar is not None:
-                    bar.set_postfix(reward=f"{record['reward_mean']:.4g}", clip=f"{record['clip_fraction']:.2f}")
-                    bar.update(1)
+                _publish(trainer, it, total, record, observers, bar)
             trainer.hooks.hook.dancecore_iteration_end(iteration=it, metrics=record)
+            evaluate_if_due(trainer, done, total, observers, log)
             stop = trainer.engine.any_rank(trainer.stop.requested)
             if done % trainer.cfg.train.checkpoint_every == 0 or done == total or stop:
                 trainer.save(done)
@@ -143,6 +140,35 @@ def run_loop(trainer: Trainer, resume: bool = False, log: Any = print, *, allow_
         plot_reward_curve(trainer.metrics.read(), trainer.output_dir / "reward_curve.png")
     trainer.hooks.hook.dancecore_run_end(output_dir=trainer.output_dir, status=status)
     return status
+
+
+def _publish(trainer: Trainer, it: int, total: int, record: dict[str, Any], observers: Any, bar: Any) -> None:
+    """Rank 0: metrics.jsonl, observers, sample grids, the progress bar."""
+    trainer.metrics.append(record)
+    observers.scalars(it, record)
+    if write_samples(trainer, it, total):
+        observers.images(it, trainer._last_pixels, trainer.group_size)
+    if bar is not None:
+        bar.set_postfix(reward=f"{record['reward_mean']:.4g}", clip=f"{record['clip_fraction']:.2f}")
+        bar.update(1)
+
+
+def evaluate_if_due(trainer: Trainer, done: int, total: int, observers: Any, log: Any = print) -> None:
+    """The held-out evaluation of the weights after ``done`` iterations, when the schedule says so."""
+    evaluation = trainer.evaluation
+    if evaluation is None or not evaluation.due(done, total):
+        return
+    record = evaluation.run(trainer, done)
+    alarm = record.get("alarm")
+    if trainer.is_main and record:
+        observers.scalars(done, {k: v for k, v in record.items() if k != "alarm"})
+        if alarm:
+            log(f"warning: {alarm}")
+    alarm_config = trainer.cfg.eval.divergence_alarm if trainer.cfg.eval else None
+    if alarm_config is not None and alarm_config.stop and trainer.engine.any_rank(bool(alarm)):
+        trainer.stop.requested = True  # the loop checkpoints and stops at this iteration boundary
+        if trainer.is_main:
+            log("stopping: eval.divergence_alarm.stop is set")
 
 
 def write_samples(trainer: Trainer, iteration: int, total: int) -> bool:

@@ -47,6 +47,17 @@ def build_rewards(run: ResolvedRun, context: BuildContext) -> list[NamedReward]:
         for spec, resolved in zip(run.config.rewards, run.rewards, strict=True)
     ]
 
+def build_eval_rewards(run: ResolvedRun, context: BuildContext) -> list[NamedReward]:
+    """The rewards of the run's evaluation: ``eval.rewards`` when given, else the training rewards."""
+    specs = run.config.eval.rewards if run.config.eval and run.config.eval.rewards else None
+    if not specs:
+        return build_rewards(run, context)
+    return [
+        NamedReward(spec.display_name, spec.weight, resolved.cls(resolved.config, context), plugin=spec.name)
+        for spec, resolved in zip(specs, run.eval_rewards, strict=True)
+    ]
+
+
 @dataclass(frozen=True)
 class ScoringResult:
     """Scores for the kept samples, which samples were kept, and failure counts.

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from dancecore.contracts.protocols import Policy, Sampler
-from dancecore.contracts.records import Rollout, Transitions
+from dancecore.contracts.records import Rollout, StepResult, Transitions
 from dancecore.errors import TrainingError
 from dancecore.functional.seeding import generator
+from dancecore.training.ema import EmaWeights
 from dancecore.training.engine import TrainEngine
 from dancecore.training.lr_schedule import WarmupSchedule
+from dancecore.training.reference import ReferencePolicy
 from dancecore.training.sampling import NetworkCalls, RowCache, padded_chunks
 from dancecore.training.state import TrainingState
 
@@ -40,6 +42,8 @@ class CoreServices:
         samples_per_update: int | None,
         max_nonfinite_updates: int,
         timed: Callable[[str], contextlib.AbstractContextManager[None]],
+        reference: Callable[[], ReferencePolicy] | None = None,
+        ema: EmaWeights | None = None,
     ) -> None:
         self.policy, self.sampler, self.engine, self.calls = policy, sampler, engine, calls
         self.state, self.lr_schedule = state, lr_schedule
@@ -49,6 +53,8 @@ class CoreServices:
         self.samples_per_update = samples_per_update
         self.max_nonfinite_updates = max_nonfinite_updates
         self._timed = timed
+        self._reference = reference
+        self._ema = ema
         self._conditioning: dict[int, RowCache] = {}
 
     def _rows(self, rollout: Rollout, samples: torch.Tensor) -> Any:
@@ -67,6 +73,14 @@ class CoreServices:
             out = self.sampler.step(schedule, t, x, pred, next_latents=x_next)
             yield Transitions(samples=s, steps=t, real=real, latents=x, next_latents=x_next, prediction=pred, step=out)
 
+    def reference_step(self, rollout: Rollout, batch: Transitions) -> StepResult:
+        """The reference policy's step for a replayed micro-batch (same inputs, no gradient)."""
+        if self._reference is None:
+            raise TrainingError("this run has no reference policy (the algorithm did not ask for one)")
+        with self._reference().active(), self.calls.autocast():
+            pred = self.policy.predict(batch.latents, rollout.schedule.timesteps[batch.steps], self._rows(rollout, batch.samples))
+        return self.sampler.step(rollout.schedule, batch.steps, batch.latents, pred, next_latents=batch.next_latents)
+
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, rollout: Rollout, samples: torch.Tensor) -> torch.Tensor:
         """The policy's prediction (with gradient) for any latents of the given samples' prompts."""
         with self.calls.autocast():
@@ -82,7 +96,9 @@ class CoreServices:
         norm = self.engine.step()
         if math.isfinite(norm):
             self.state.nonfinite_in_a_row = 0
-            self.lr_schedule.step()
+            self.lr_schedule.step()  # counts the applied updates
+            if self._ema is not None and self._ema.due(self.lr_schedule.updates):
+                self._ema.update()
         else:  # the engine did not step and dropped the gradients
             self._count_skip("non-finite gradient norm")
         return norm

@@ -19,19 +19,22 @@ import torch
 from dancecore import checkpoint as ckpt
 from dancecore.builtins.algorithms import ClippedRatioAlgorithm
 from dancecore.config.schema import ResolvedRun, RunConfig
-from dancecore.contracts.protocols import Algorithm, BuildContext, Policy, Sampler
+from dancecore.contracts.protocols import Algorithm, BuildContext, Policy, ReferenceAlgorithm, Sampler
 from dancecore.contracts.records import Prompt, Schedule, Trajectory
 from dancecore.errors import OutputDirError, TrainingError
 from dancecore.functional.seeding import derive_seed
 from dancecore.hooks import plugin_manager
 from dancecore.outputs.images import MetricsLog
 from dancecore.training import sampling
+from dancecore.training.ema import EmaWeights
 from dancecore.training.engine import LocalEngine, TrainEngine
+from dancecore.training.evaluation import PeriodicEval
 from dancecore.training.iteration import run_iteration
 from dancecore.training.loop import StopFlag, check_writable, refuse_earlier_run, run_loop
 from dancecore.training.lr_schedule import WarmupSchedule
 from dancecore.training.prompts import PromptOrder, load_prompts
-from dancecore.training.scoring import build_rewards
+from dancecore.training.reference import ReferencePolicy
+from dancecore.training.scoring import build_eval_rewards, build_rewards
 from dancecore.training.state import TrainingState, restore_fields
 
 __all__ = ["OutputDirError", "Trainer", "TrainingError", "check_writable", "pick_device", "refuse_earlier_run"]
@@ -90,10 +93,25 @@ class Trainer:
         self.algorithm: Algorithm = build_algorithm(run, context)
         self.group_size: int = self.algorithm.group_size
         self.rewards = build_rewards(run, context)
+        self.evaluation = (
+            PeriodicEval(cfg.eval, build_eval_rewards(run, context), self.output_dir) if cfg.eval is not None else None
+        )
         self.engine: TrainEngine = (
             engine_factory(self.policy.module, cfg) if engine_factory else LocalEngine(self.policy.module, cfg.train)
         )
         self.calls = sampling.NetworkCalls(self.device, cfg.train.micro_batch_size, self.autocast)
+        self.ema = EmaWeights(cfg.train.ema, self.engine, self.device) if cfg.train.ema is not None else None
+        self.reference: ReferencePolicy | None = None  # made now, before resume loads trained weights
+        if isinstance(self.algorithm, ReferenceAlgorithm) and self.algorithm.needs_reference:
+            options = getattr(self.algorithm, "config", None)
+            self.reference = ReferencePolicy(
+                self.policy,
+                dtype=getattr(options, "reference_dtype", "float32"),
+                device=getattr(options, "reference_device", "same"),
+                distributed=not isinstance(self.engine, LocalEngine),
+            )
+            if self.is_main:
+                print(f"KL reference policy: {self.reference.description}")
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.hooks = plugin_manager()
         self.stop = StopFlag()
@@ -171,6 +189,12 @@ class Trainer:
             cond=cond, schedule=schedule, stochastic=stochastic,
         )
 
+    def reference_policy(self) -> ReferencePolicy:
+        """The KL reference (only when the algorithm asked for one)."""
+        if self.reference is None:
+            raise TrainingError(f"algorithm {self.run.algorithm.name!r} has no reference policy (needs_reference is false)")
+        return self.reference
+
     def iteration(self, iteration: int) -> dict[str, Any]:
         """One iteration on this rank; returns its (rank-reduced) metrics."""
         return run_iteration(self, iteration)
@@ -210,11 +234,14 @@ class Trainer:
         """
         model = self.engine.model_state()
         opt_tensors, opt_meta = self.engine.optimizer_state()
+        ema = self.ema.state() if self.ema is not None else None
         staging = ckpt.staging_path(self.output_dir, iteration)
 
         def shared_files() -> Path:
             ckpt.write_tensors(staging, "model.safetensors", model)
             ckpt.write_tensors(staging, "optimizer.safetensors", opt_tensors)
+            if ema is not None:
+                ckpt.write_tensors(staging, "ema.safetensors", ema)
             ckpt.write_json(staging, ckpt.STATE, self.capture_state(iteration, opt_meta))
             return ckpt.commit(self.output_dir, iteration, self.cfg.train.keep_checkpoints)
 
@@ -280,6 +307,10 @@ class Trainer:
         self.engine.load_state(loaded.model, opt_tensors, opt_meta)
         self.state = restore_fields(self._sync_state(), saved, skip)
         self.lr_schedule.load_state_dict(self.state.lr_schedule)
+        if self.ema is not None and "ema" not in skip:
+            if loaded.ema is None:
+                raise ckpt.CheckpointError(f"checkpoint {loaded.path} has no EMA, but train.ema is set")
+            self.ema.load(loaded.ema)
         load_state_dict = getattr(self.algorithm, "load_state_dict", None)
         if callable(load_state_dict) and self.state.algorithm:
             load_state_dict(self.state.algorithm)
@@ -303,6 +334,8 @@ class Trainer:
             problems.append("model weights")
         if not ckpt.tensors_equal(opt_tensors, loaded.optimizer):
             problems.append("optimizer tensors")
+        if self.ema is not None and (loaded.ema is None or not ckpt.tensors_equal(self.ema.state(), loaded.ema)):
+            problems.append("EMA weights")
         if loaded.rank_state is not None and ckpt.state_differences(loaded.rank_state["rng"], ckpt.rng_state()):
             problems.append(f"RNG states of rank {self.rank}")
         if problems:

@@ -44,6 +44,7 @@ TRIAL_RUN: dict[str, Any] = deep_update(
             "learning_rate": 3e-3,
             "lr_warmup_updates": 20,
             "num_threads": 1,
+            "ema": {"decay": 0.5, "every": 2},  # the EMA is state too: kills and resumes must keep it exact
         },
     },
 )
@@ -231,12 +232,13 @@ class RunResult:
     rank_sha: str
     state: dict[str, Any]
     metrics: list[dict[str, Any]]
+    ema_sha: str = ""
 
     def differences(self, other: RunResult) -> list[str]:
         """Names of the parts that differ."""
         out = [
             name
-            for name in ("model_sha", "optimizer_sha", "rank_sha", "state")
+            for name in ("model_sha", "optimizer_sha", "rank_sha", "state", "ema_sha")
             if getattr(self, name) != getattr(other, name)
         ]
         if self.metrics != other.metrics:
@@ -260,6 +262,7 @@ def final_result(output_dir: Path, iteration: int = 6) -> RunResult:
         sha256(final / "rank-00000.json"),
         state,
         metrics,
+        sha256(final / "ema.safetensors") if (final / "ema.safetensors").is_file() else "",
     )
 
 

@@ -33,7 +33,7 @@ def _preload() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import dancecore_flux.policy  # noqa: F401
+    import dancecore.testing.tiny_policy  # noqa: F401  (the trial runs' policy: torch only)
 
     try:  # optional: the 2-rank trials (DS_ACCELERATOR=cpu is set by the client)
         import deepspeed  # noqa: F401
@@ -44,8 +44,6 @@ def _preload() -> None:
         pass
     import matplotlib.pyplot  # noqa: F401
     import safetensors.torch  # noqa: F401
-    from diffusers import AutoencoderKL, FluxTransformer2DModel  # noqa: F401
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # noqa: F401
 
     import dancecore.builtins.algorithms  # noqa: F401
     import dancecore.builtins.rewards  # noqa: F401

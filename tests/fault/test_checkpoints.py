@@ -171,11 +171,19 @@ def test_disk_full_during_a_save_names_the_path_and_keeps_the_previous(tiny_run,
     assert ok, message
 
 
-def test_file_size_limit_during_a_save(three, forkserver, tmp_path, fault_report):
+def test_file_size_limit_during_a_save(forkserver, tmp_path, fault_report):
     """A real failing write: RLIMIT_FSIZE below the optimizer file's size (EFBIG)."""
-    out = copy_run(three, tmp_path / "out")
-    config = write_config(tmp_path / "run.yaml", out)
-    child = forkserver.run("train", str(config), "--resume", fsize_limit=150_000)
+    # A wider tiny policy, so that the optimizer file (two Adam moments per weight) is the largest
+    # file a run writes; the limit lies between it and every other file.
+    wide = {"policy": {"name": "testing-tiny", "hidden": 64}}
+    out = tmp_path / "out"
+    first = forkserver.run("train", str(write_config(tmp_path / "three.yaml", out, train={"iterations": 3}, **wide)))
+    assert first.status == 0, first.output()
+    config = write_config(tmp_path / "run.yaml", out, **wide)
+    others = [p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != "optimizer.safetensors"]
+    optimizer = (_newest(out) / "optimizer.safetensors").stat().st_size
+    assert max(others) < optimizer
+    child = forkserver.run("train", str(config), "--resume", fsize_limit=(max(others) + optimizer) // 2)
     text = child.output()
     ok = (
         child.status not in (0, None)
