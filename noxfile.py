@@ -24,14 +24,18 @@ def core(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree and mypy over the core."""
-    session.run(sys.executable, "-m", "ruff", "check", "dancecore", "tests", "plugins", "benchmarks", "examples")
+    """ruff (lint and format) over the whole tree and mypy over the core."""
+    tree = ("dancecore", "tests", "plugins", "benchmarks", "examples", "noxfile.py")
+    session.run(sys.executable, "-m", "ruff", "check", *tree)
+    session.run(sys.executable, "-m", "ruff", "format", "--check", *tree)
     session.run(sys.executable, "-m", "mypy")
 
 
 def _plugin_session(plugin: Path) -> None:
     def run(session: nox.Session) -> None:
-        session.run(sys.executable, "-m", "pytest", str(plugin / "tests"), "-q", "-p", "no:cacheprovider", *session.posargs)
+        session.run(
+            sys.executable, "-m", "pytest", str(plugin / "tests"), "-q", "-p", "no:cacheprovider", *session.posargs
+        )
 
     run.__doc__ = f"Tests of the {plugin.name} plugin."
     nox.session(name=plugin.name.removeprefix("dancecore-"), venv_backend="none")(run)

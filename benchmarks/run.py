@@ -338,7 +338,9 @@ def table(results: dict[str, Any]) -> str:
                 f"{obs['sample_grid_image_ms']:.2f} ms per sample grid (image)"
             )
         lines.append("")
-        lines.append(f"{'ratio (before / after): of medians (wall, cpu), median of per-round ratios':<78}{'wall':>8}{'cpu':>8}{'paired':>8}")
+        lines.append(
+            f"{'ratio (before / after): of medians (wall, cpu), median of per-round ratios':<78}{'wall':>8}{'cpu':>8}{'paired':>8}"
+        )
         for label, r in head["ratios"].items():
             lines.append(f"{label:<78}{r['wall']:>8.2f}{r['cpu']:>8.2f}{r['paired']:>8.2f}")
     eq = results.get("equivalence")

@@ -55,7 +55,9 @@ class _AliasLoader(importlib.abc.Loader):
 
 
 class _MovedModules(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         new = MOVED.get(fullname)
         return importlib.util.spec_from_loader(fullname, _AliasLoader(new)) if new else None
 

@@ -88,7 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # in multi-rank runs only rank 0 reports
         return 0
     if status == "stopped":
-        print(f"stopped by signal (or by the divergence alarm); checkpoint saved under {out / 'checkpoints'} (continue with --resume)")
+        print(
+            f"stopped by signal (or by the divergence alarm); checkpoint saved under {out / 'checkpoints'} (continue with --resume)"
+        )
     else:
         from dancecore.outputs.images import MetricsLog, reward_summary
 
@@ -101,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             held_out = eval_summary(read_history(out), out)
             if held_out:
                 print(held_out)
-        print(f"done: metrics in {out / 'metrics.jsonl'}, samples in {out / 'samples'}, curve in {out / 'reward_curve.png'}")
+        print(
+            f"done: metrics in {out / 'metrics.jsonl'}, samples in {out / 'samples'}, curve in {out / 'reward_curve.png'}"
+        )
     return 0
 
 
@@ -111,7 +115,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dancecore.evaluate import evaluate
 
     run = load_run(Path(args.config), args.overrides)
-    output = Path(args.output) if args.output else run.config.output_dir / "eval" / ((args.checkpoint or "base") + ("-ema" if args.ema else "")).replace("/", "_")
+    output = (
+        Path(args.output)
+        if args.output
+        else run.config.output_dir
+        / "eval"
+        / ((args.checkpoint or "base") + ("-ema" if args.ema else "")).replace("/", "_")
+    )
     result = evaluate(
         run,
         Path(args.prompts) if args.prompts else None,
@@ -205,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="score a policy or checkpoint on a prompt file (deterministic sampling)")
     evaluate.add_argument("config", help="run config (policy, sampler and rewards are taken from it)")
     evaluate.add_argument("overrides", nargs="*")
-    evaluate.add_argument("--checkpoint", default=None, help="checkpoint directory, 'latest', or omitted for base weights")
-    evaluate.add_argument("--prompts", default=None, help="prompt file (.txt one per line, or .jsonl); default: the config's")
+    evaluate.add_argument(
+        "--checkpoint", default=None, help="checkpoint directory, 'latest', or omitted for base weights"
+    )
+    evaluate.add_argument(
+        "--prompts", default=None, help="prompt file (.txt one per line, or .jsonl); default: the config's"
+    )
     evaluate.add_argument("--samples-per-prompt", type=int, default=1)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (train.ema)")

@@ -68,6 +68,10 @@ def evaluate(
         policy, sampler, prompts, samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size, device=device
     )
     return score_and_report(
-        rewards, items, pixels, output_dir, weights=(f"EMA of {ckpt_path}" if ema else str(ckpt_path)) if ckpt_path else "base",
+        rewards,
+        items,
+        pixels,
+        output_dir,
+        weights=(f"EMA of {ckpt_path}" if ema else str(ckpt_path)) if ckpt_path else "base",
         failure_policy=cfg.reward_failure,
     )

@@ -38,8 +38,6 @@ REQUIRED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
-
-
 @dataclass(frozen=True)
 class PluginInfo:
     """An installed plugin as its distribution's metadata describes it (nothing imported)."""

@@ -63,8 +63,14 @@ class ObjectiveOnly:
 
 
 def _quickstart(tmp_path: Path, name: str, iterations: int):
-    overrides = [f"output_dir={tmp_path / name}", f"train.iterations={iterations}", "logging.progress_bar=false",
-                 "logging.tensorboard=false", "train.checkpoint_every=1000", "train.sample_every=0"]
+    overrides = [
+        f"output_dir={tmp_path / name}",
+        f"train.iterations={iterations}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "train.checkpoint_every=1000",
+        "train.sample_every=0",
+    ]
     return load_run(ROOT / "configs" / "smoke" / "brightness.yaml", overrides)
 
 
@@ -95,13 +101,20 @@ def test_reward_weighted_regression_trains_the_quickstart(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_an_objective_only_optimizer_plugin_trains_exactly_like_grpo(tmp_path: Path) -> None:
     grpo = _quickstart(tmp_path, "grpo", 3)
-    legacy = _with_algorithm(_quickstart(tmp_path, "legacy", 3), "legacy", ObjectiveOnly,
-                             **grpo.algorithm.config.model_dump())
+    legacy = _with_algorithm(
+        _quickstart(tmp_path, "legacy", 3), "legacy", ObjectiveOnly, **grpo.algorithm.config.model_dump()
+    )
     Trainer(grpo).train()
     Trainer(legacy).train()
     drop = ("seconds",)
-    strip = [{k: v for k, v in r.items() if k not in drop and not k.startswith("time/")} for r in _metrics(grpo.config.output_dir)]
-    strip2 = [{k: v for k, v in r.items() if k not in drop and not k.startswith("time/")} for r in _metrics(legacy.config.output_dir)]
+    strip = [
+        {k: v for k, v in r.items() if k not in drop and not k.startswith("time/")}
+        for r in _metrics(grpo.config.output_dir)
+    ]
+    strip2 = [
+        {k: v for k, v in r.items() if k not in drop and not k.startswith("time/")}
+        for r in _metrics(legacy.config.output_dir)
+    ]
     assert json.dumps(strip) == json.dumps(strip2)
 
 
@@ -121,7 +134,11 @@ def test_the_algorithm_key_and_its_old_name(tiny_run) -> None:
 
 @pytest.mark.parametrize("lora", [False, True], ids=["frozen-copy", "lora-disabled"])
 def test_kl_to_the_reference_is_zero_before_the_first_update_and_grows_after(tiny_run, lora):
-    policy = {"name": "flux", "preset": "tiny", **({"lora": {"rank": 4, "target_modules": ["to_q", "to_v"]}} if lora else {})}
+    policy = {
+        "name": "flux",
+        "preset": "tiny",
+        **({"lora": {"rank": 4, "target_modules": ["to_q", "to_v"]}} if lora else {}),
+    }
     run = tiny_run(
         f"kl-{lora}",
         policy=policy,

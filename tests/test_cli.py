@@ -70,7 +70,9 @@ def test_a_fresh_run_refuses_an_earlier_runs_output_dir(tmp_path):
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text()
     again = run_cli("train", str(path), "train.iterations=1")
     assert again.returncode == 2, again.stderr
-    assert "already holds a run" in again.stderr and "--resume" in again.stderr and str(tmp_path / "out") in again.stderr
+    assert (
+        "already holds a run" in again.stderr and "--resume" in again.stderr and str(tmp_path / "out") in again.stderr
+    )
     assert "Traceback" not in again.stderr
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics  # the earlier run is untouched
     shown = run_cli("train", str(path), "train.iterations=1", "--resume")  # what `make quickstart` runs

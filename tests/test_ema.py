@@ -36,8 +36,13 @@ def _ema_run(tiny_run, name: str, iterations: int, prompts=None):
     extra = {"eval": {"prompts": str(prompts), "every": 0}} if prompts else {}
     return tiny_run(
         name,
-        train={"iterations": iterations, "learning_rate": 3e-2, "checkpoint_every": 1, "samples_per_update": 2,
-               "ema": {"decay": 0.5, "every": 3}},
+        train={
+            "iterations": iterations,
+            "learning_rate": 3e-2,
+            "checkpoint_every": 1,
+            "samples_per_update": 2,
+            "ema": {"decay": 0.5, "every": 3},
+        },
         **extra,
     )
 

@@ -56,11 +56,15 @@ def test_periodic_eval_runs_before_during_and_after_and_resumes_on_schedule(tiny
     prompts.write_text("a purple pyramid\na white ring\n")
     straight = _eval_run(tiny_run, tmp_path, "straight", 4, prompts)
     Trainer(straight).train()
-    history = [json.loads(line) for line in (straight.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line) for line in (straight.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()
+    ]
     assert [h["iteration"] for h in history] == [0, 1, 2, 3, 4]
     assert history[0]["eval/brightness"] != history[-1]["eval/brightness"]  # the weights changed
     for h in history:  # the per-iteration tables are the same numbers as `dancecore eval` writes
-        results = json.loads((straight.config.output_dir / "eval" / f"iter-{h['iteration']:06d}" / "results.json").read_text())
+        results = json.loads(
+            (straight.config.output_dir / "eval" / f"iter-{h['iteration']:06d}" / "results.json").read_text()
+        )
         assert results["summary"]["brightness"]["mean"] == h["eval/brightness"] and len(results["samples"]) == 4
     base = evaluate(straight, prompts, tmp_path / "base-eval", samples_per_prompt=2)
     assert base.summary["brightness"]["mean"] == history[0]["eval/brightness"]
@@ -69,7 +73,9 @@ def test_periodic_eval_runs_before_during_and_after_and_resumes_on_schedule(tiny
     Trainer(interrupted).train()
     resumed = _eval_run(tiny_run, tmp_path, "interrupted", 4, prompts)
     Trainer(resumed).train(resume=True)
-    again = [json.loads(line) for line in (resumed.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    again = [
+        json.loads(line) for line in (resumed.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()
+    ]
     assert again == history
 
 
@@ -88,7 +94,11 @@ def test_divergence_alarm_fires_when_training_reward_rises_and_gold_falls():
 
     config = EvalConfig(prompts="p.txt", every=2, divergence_alarm={"window": 1, "margin": 0.05})
     metrics = [{"iteration": i, "reward_mean": 0.1 * i} for i in range(4)]  # the training reward keeps rising
-    history = [{"iteration": 0, "eval/gold": 0.5}, {"iteration": 2, "eval/gold": 0.52}, {"iteration": 4, "eval/gold": 0.40}]
+    history = [
+        {"iteration": 0, "eval/gold": 0.5},
+        {"iteration": 2, "eval/gold": 0.52},
+        {"iteration": 4, "eval/gold": 0.40},
+    ]
     message = divergence_alarm(config, history, metrics)
     assert message and "eval/gold fell 0.5200 -> 0.4000" in message and "iterations 2 and 4" in message
     assert divergence_alarm(config, history[:2], metrics) is None  # gold rose

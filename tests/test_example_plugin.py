@@ -19,8 +19,21 @@ def installed_example(tmp_path_factory):
     """Install the example into a private directory (not the shared venv) and return it."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return target
 
@@ -37,7 +50,10 @@ def test_example_is_about_thirty_lines():
 def test_example_passes_its_own_conformance_tests(installed_example):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-        env={**os.environ, **_env(installed_example)}, capture_output=True, text=True, cwd=installed_example,
+        env={**os.environ, **_env(installed_example)},
+        capture_output=True,
+        text=True,
+        cwd=installed_example,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -54,7 +54,10 @@ def test_the_check_itself_catches_a_private_import(tmp_path: Path) -> None:
         "from dancecore import Policy\nfrom dancecore import registry\n"
     )
     assert [m for _, m in _core_imports(bad)] == [
-        "dancecore.training.trainer", "dancecore.functional.sde", "dancecore", "dancecore.registry",
+        "dancecore.training.trainer",
+        "dancecore.functional.sde",
+        "dancecore",
+        "dancecore.registry",
     ]
 
 
@@ -126,8 +129,10 @@ def test_only_the_distributed_package_imports_deepspeed() -> None:
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             )
             offending += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "deepspeed"]
     assert not offending, offending

@@ -78,8 +78,11 @@ def test_one_name_from_two_packages_is_an_error_naming_both(monkeypatch):
 
     real = metadata.entry_points
     monkeypatch.setattr(
-        metadata, "entry_points",
-        lambda **kw: [*real(**kw), ep("pkg-one"), ep("pkg-two")] if kw.get("group") == "dancecore.rewards" else real(**kw),
+        metadata,
+        "entry_points",
+        lambda **kw: (
+            [*real(**kw), ep("pkg-one"), ep("pkg-two")] if kw.get("group") == "dancecore.rewards" else real(**kw)
+        ),
     )
     with pytest.raises(registry.PluginError, match=r"more than one package \(pkg-one, pkg-two\)"):
         registry.load("reward", "twin")

@@ -58,7 +58,13 @@ def test_report_has_every_chart_and_grid_and_no_external_resource(tiny_run: Path
         assert all(record[f"time/{phase}_s"] > 0 for record in records), phase
         assert f">{phase}</text>" in page, phase
     shares = re.search(r"<td>time by phase</td><td>([^<]*)</td>", page)
-    assert shares and [p.split()[0] for p in shares.group(1).split(", ")] == ["encode", "rollout", "decode", "reward", "update"]
+    assert shares and [p.split()[0] for p in shares.group(1).split(", ")] == [
+        "encode",
+        "rollout",
+        "decode",
+        "reward",
+        "update",
+    ]
     # Self-contained: every src/href is a data: URI or a fragment; no url(...) and no absolute URL.
     references = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
     assert all(ref.startswith(("data:", "#")) for ref in references), references

@@ -33,7 +33,9 @@ def test_flow_grpo_step_is_the_danceGRPO_mean_with_per_step_noise():
     # Flow-GRPO's own form: x (1 + e^2 dt / (2 s)) + v (1 + e^2 (1 - s) / (2 s)) dt, dt = -d
     dt = -d
     mean = x * (1 + eps_t**2 / (2 * s) * dt) + v * (1 + eps_t**2 * (1 - s) / (2 * s)) * dt
-    k = split_coefficients(flow_coefficients(torch.tensor(s), torch.tensor(sn), flow_grpo_noise_level(torch.tensor(s), a, 0.0)).double(), 3)
+    k = split_coefficients(
+        flow_coefficients(torch.tensor(s), torch.tensor(sn), flow_grpo_noise_level(torch.tensor(s), a, 0.0)).double(), 3
+    )
     assert torch.allclose(k.a * x + k.b * v, mean, atol=1e-5)
     assert k.std.item() == pytest.approx(eps_t * math.sqrt(d), rel=1e-6)
 
@@ -67,7 +69,10 @@ def test_variant_samplers_score_rows_exactly_as_the_rollout_stepped_them(sampler
     g = torch.Generator().manual_seed(3)
     steps = torch.tensor([0, 3, 6, 2])
     x, out, noise = (torch.randn(4, 2, 16, generator=g) for _ in range(3))
-    rolled = [sampler.step(schedule, int(i), x[j : j + 1], out[j : j + 1], noise=noise[j : j + 1]) for j, i in enumerate(steps)]
+    rolled = [
+        sampler.step(schedule, int(i), x[j : j + 1], out[j : j + 1], noise=noise[j : j + 1])
+        for j, i in enumerate(steps)
+    ]
     scored = sampler.step(schedule, steps, x, out, next_latents=torch.cat([r.next_latents for r in rolled]))
     assert torch.equal(scored.log_prob, torch.cat([r.log_prob for r in rolled]))
     assert bool(torch.isfinite(scored.log_prob).all())
@@ -85,8 +90,14 @@ def test_the_last_cps_step_is_deterministic():
     assert torch.equal(a, b)  # s' = 0: no fresh noise reaches the final latent
 
 
-@pytest.mark.parametrize("sampler", [{"name": "flow-sde", "noise": "flow-grpo", "eta": 0.7, "num_steps": 4},
-                                     {"name": "flow-cps", "eta": 0.5, "num_steps": 4}], ids=["flow-grpo", "cps"])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        {"name": "flow-sde", "noise": "flow-grpo", "eta": 0.7, "num_steps": 4},
+        {"name": "flow-cps", "eta": 0.5, "num_steps": 4},
+    ],
+    ids=["flow-grpo", "cps"],
+)
 def test_variant_samplers_train_with_ratio_exactly_one_before_the_update(tiny_run, sampler):
     from dancecore.training.trainer import Trainer
 

@@ -126,7 +126,10 @@ def test_sampler_scores_rows_exactly_as_the_rollout_stepped_them(name):
     g = torch.Generator().manual_seed(3)
     steps = torch.tensor([0, 3, 6, 2])
     x, out, noise = (torch.randn(4, 2, 16, generator=g) for _ in range(3))
-    rolled = [sampler.step(schedule, int(i), x[j : j + 1], out[j : j + 1], noise=noise[j : j + 1]) for j, i in enumerate(steps)]
+    rolled = [
+        sampler.step(schedule, int(i), x[j : j + 1], out[j : j + 1], noise=noise[j : j + 1])
+        for j, i in enumerate(steps)
+    ]
     scored = sampler.step(schedule, steps, x, out, next_latents=torch.cat([r.next_latents for r in rolled]))
     assert torch.equal(scored.log_prob, torch.cat([r.log_prob for r in rolled]))
     # and the cached coefficients are those of the textbook step

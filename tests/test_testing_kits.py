@@ -31,8 +31,19 @@ PROMPTS = PromptBatch((Prompt("a red cube", 0), Prompt("a blue sphere", 1), Prom
 
 
 def test_every_exported_name_resolves_and_the_old_names_stay() -> None:
-    old = {"build_component", "check_reward_plugin", "contract_problems", "group_advantages", "load_plugin",
-           "load_run", "read_prompt_file", "sample_images", "trainable_steps", "validate", "write_video"}
+    old = {
+        "build_component",
+        "check_reward_plugin",
+        "contract_problems",
+        "group_advantages",
+        "load_plugin",
+        "load_run",
+        "read_prompt_file",
+        "sample_images",
+        "trainable_steps",
+        "validate",
+        "write_video",
+    }
     assert old <= set(kit.__all__)
     assert all(getattr(kit, name) is not None for name in kit.__all__)
 
@@ -58,8 +69,9 @@ def _tiny(**options: Any) -> TinyFlowPolicy:
 
 def test_tiny_policy_is_a_function_of_its_seed() -> None:
     a, b, c = _tiny(), _tiny(), _tiny(seed=1)
-    for (name, x), (_, y), (_, z) in zip(a.module.state_dict().items(), b.module.state_dict().items(),
-                                         c.module.state_dict().items(), strict=True):
+    for (name, x), (_, y), (_, z) in zip(
+        a.module.state_dict().items(), b.module.state_dict().items(), c.module.state_dict().items(), strict=True
+    ):
         assert torch.equal(x, y), name
         assert name.endswith("bias") or not torch.equal(x, z), name
     assert torch.equal(a.projection, b.projection) and not torch.equal(a.projection, c.projection)
@@ -78,7 +90,9 @@ def test_tiny_policy_shapes_and_prompt_embedding() -> None:
     with torch.no_grad():
         out = policy.predict(noise, torch.tensor([1.0, 0.5, 0.1]), cond)
     assert out.shape == noise.shape
-    assert not torch.allclose(out[0], policy.predict(noise[:1], torch.tensor([1.0]), select_rows(cond, torch.tensor([1])))[0])
+    assert not torch.allclose(
+        out[0], policy.predict(noise[:1], torch.tensor([1.0]), select_rows(cond, torch.tensor([1])))[0]
+    )
     pixels = policy.decode(noise)
     assert pixels.shape == (3, 3, 32, 32) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1
     with pytest.raises(ValueError, match="timesteps"):
@@ -107,8 +121,13 @@ def test_policy_kit_passes_on_the_tiny_policies(name: str, options: dict[str, An
 
 
 def test_policy_kit_takes_a_class_a_sampler_and_prompts() -> None:
-    policy = check_policy_plugin(TinyFlowPolicy, {"seed": 2}, sampler_options={"sde_window": 2, "num_steps": 4},
-                                 prompts=["one", "two"], num_steps=4)
+    policy = check_policy_plugin(
+        TinyFlowPolicy,
+        {"seed": 2},
+        sampler_options={"sde_window": 2, "num_steps": 4},
+        prompts=["one", "two"],
+        num_steps=4,
+    )
     assert policy.config.seed == 2
 
 
@@ -255,7 +274,9 @@ def test_policy_kit_fails_on_an_unregistered_name_and_rejected_options() -> None
 
 
 class ReplayDiffers(FlowSDE):
-    def step(self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any) -> StepResult:
+    def step(
+        self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any
+    ) -> StepResult:
         out = super().step(schedule, index, latents, model_output, **kw)
         if kw.get("next_latents") is None:
             return out
@@ -263,33 +284,43 @@ class ReplayDiffers(FlowSDE):
 
 
 class DeterministicStepHasLogProb(FlowSDE):
-    def step(self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any) -> StepResult:
+    def step(
+        self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any
+    ) -> StepResult:
         out = super().step(schedule, index, latents, model_output, **kw)
         return dataclasses.replace(out, log_prob=out.log_prob + 1.0) if kw.get("deterministic") else out
 
 
 class IgnoresItsNoise(FlowSDE):
-    def step(self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any) -> StepResult:
+    def step(
+        self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any
+    ) -> StepResult:
         if kw.get("noise") is not None:
             kw["noise"] = torch.zeros_like(kw["noise"])
         return super().step(schedule, index, latents, model_output, **kw)
 
 
 class OneStepPerBatch(FlowSDE):
-    def step(self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any) -> StepResult:
+    def step(
+        self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any
+    ) -> StepResult:
         if isinstance(index, torch.Tensor):
             index = int(index[0])  # wrong: training batches mix steps
         return super().step(schedule, index, latents, model_output, **kw)
 
 
 class DetachedLogProb(FlowSDE):
-    def step(self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any) -> StepResult:
+    def step(
+        self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any
+    ) -> StepResult:
         out = super().step(schedule, index, latents, model_output, **kw)
         return dataclasses.replace(out, log_prob=out.log_prob.detach())
 
 
 class FlatLogProb(FlowSDE):
-    def step(self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any) -> StepResult:
+    def step(
+        self, schedule: Any, index: Any, latents: torch.Tensor, model_output: torch.Tensor, **kw: Any
+    ) -> StepResult:
         out = super().step(schedule, index, latents, model_output, **kw)
         return dataclasses.replace(out, log_prob=torch.zeros_like(out.log_prob))
 

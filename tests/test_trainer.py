@@ -15,7 +15,9 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def _records(trainer: Trainer) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "seconds" and not k.startswith("time/")} for r in trainer.metrics.read()]
+    return [
+        {k: v for k, v in r.items() if k != "seconds" and not k.startswith("time/")} for r in trainer.metrics.read()
+    ]
 
 
 def test_ratio_is_exactly_one_before_the_first_update(tiny_run):

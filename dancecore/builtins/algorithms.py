@@ -99,7 +99,12 @@ def clipped_ratio_pass(
             services.skip_update("non-finite loss")
             continue
         norms.append(services.optimizer_step())
-    stats = {"loss": _mean(losses), "clip_fraction": _mean(clipfracs), "ratio_mean": _mean(ratios), "grad_norm": _mean(norms)}
+    stats = {
+        "loss": _mean(losses),
+        "clip_fraction": _mean(clipfracs),
+        "ratio_mean": _mean(ratios),
+        "grad_norm": _mean(norms),
+    }
     if kl_beta > 0:
         stats["kl"] = _mean(kls)
     return stats

@@ -33,7 +33,9 @@ class _CoefficientTables:
         self.build = build
         self.tables: dict[tuple[int, float, str], tuple[torch.Tensor, torch.Tensor, list[StepCoefficients]]] = {}
 
-    def __call__(self, schedule: Schedule, eta: float, index: int | torch.Tensor, like: torch.Tensor) -> StepCoefficients:
+    def __call__(
+        self, schedule: Schedule, eta: float, index: int | torch.Tensor, like: torch.Tensor
+    ) -> StepCoefficients:
         key = (id(schedule.sigmas), eta, str(like.device))
         hit = self.tables.get(key)
         if hit is None or hit[0] is not schedule.sigmas:
@@ -155,7 +157,9 @@ class FlowCPSSampler:
     class Config(_FlowScheduleConfig):
         """Options of the ``flow-cps`` sampler."""
 
-        eta: float = Field(0.5, gt=0, le=1, description="Fraction of a quarter turn of fresh noise per step (alpha = eta pi/2).")
+        eta: float = Field(
+            0.5, gt=0, le=1, description="Fraction of a quarter turn of fresh noise per step (alpha = eta pi/2)."
+        )
 
     prediction_type = "flow"
 
@@ -185,8 +189,12 @@ class FlowCPSSampler:
         """One CPS step (the Euler step when ``deterministic``)."""
         eta = 0.0 if deterministic else self.config.eta
         return linear_gaussian_step(
-            latents, model_output, self._coefficients(schedule, eta, index, latents),
-            stochastic=not deterministic, noise=noise, next_latents=next_latents,
+            latents,
+            model_output,
+            self._coefficients(schedule, eta, index, latents),
+            stochastic=not deterministic,
+            noise=noise,
+            next_latents=next_latents,
         )
 
 

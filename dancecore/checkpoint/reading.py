@@ -192,5 +192,7 @@ def read_checkpoint(path: Path, *, rank: int = 0, allow_pickle: bool = False) ->
         optimizer=_load_tensors(_tensor_file(path, files, "optimizer"), allow_pickle),
         state=state,
         rank_state=rank_state,
-        ema=_load_tensors(_tensor_file(path, files, "ema"), allow_pickle) if any(n.split(".")[0] == "ema" for n in files) else None,
+        ema=_load_tensors(_tensor_file(path, files, "ema"), allow_pickle)
+        if any(n.split(".")[0] == "ema" for n in files)
+        else None,
     )

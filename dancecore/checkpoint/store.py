@@ -50,14 +50,20 @@ FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 #: Pieces of training state a resume restores (names used by the test-only skip hook).
 RESTORABLE_PIECES = (
-    "optimizer", "schedule", "data_cursor", "sampler_rng", "step_counter", "rng", "counters", "algorithm", "ema",
+    "optimizer",
+    "schedule",
+    "data_cursor",
+    "sampler_rng",
+    "step_counter",
+    "rng",
+    "counters",
+    "algorithm",
+    "ema",
 )
 
 _COMMITTED = re.compile(r"^iter-(\d{8})$")
 _STAGING = re.compile(r"^iter-\d{8}\.(tmp|trash)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
 
 
 @dataclass(frozen=True)

@@ -79,12 +79,16 @@ class EvalConfig(StrictModel):
     scored by their own rewards (the "gold" metrics; the training rewards by default)."""
 
     prompts: Path = Field(description="Held-out prompt file (.txt or .jsonl), disjoint from the training prompts.")
-    every: int = Field(0, ge=0, description="Evaluate every this many iterations (0: only before training and at the end).")
+    every: int = Field(
+        0, ge=0, description="Evaluate every this many iterations (0: only before training and at the end)."
+    )
     at_start: bool = Field(True, description="Evaluate the base weights before the first iteration.")
     samples_per_prompt: int = Field(1, ge=1, description="Samples per prompt, each from its own fixed seed.")
     seed: int = Field(0, description="Seed of the evaluation noise (independent of the run seed).")
     batch_size: int = Field(8, ge=1, description="Samples per network call.")
-    rewards: list[RewardSpec] | None = Field(None, description="Rewards to evaluate with (default: the training rewards).")
+    rewards: list[RewardSpec] | None = Field(
+        None, description="Rewards to evaluate with (default: the training rewards)."
+    )
     use_ema: bool = Field(True, description="Evaluate the EMA weights when the run keeps an EMA (train.ema).")
     divergence_alarm: DivergenceAlarmConfig | None = Field(
         None, description="Warn (or stop) when the training reward rises while the gold metric falls."
@@ -96,7 +100,9 @@ class EmaConfig(StrictModel):
 
     decay: float = Field(0.9, gt=0, lt=1, description="ema = decay * ema + (1 - decay) * weights (0.9 in Flow-GRPO).")
     every: int = Field(8, ge=1, description="Update the average every this many optimizer updates (8 in Flow-GRPO).")
-    device: Literal["same", "cpu"] = Field("same", description="Keep the average on the training device or in CPU memory.")
+    device: Literal["same", "cpu"] = Field(
+        "same", description="Keep the average on the training device or in CPU memory."
+    )
 
 
 class TrainConfig(StrictModel):
@@ -150,7 +156,9 @@ class DistributedConfig(StrictModel):
         "--nproc N implies it.",
     )
     zero_stage: int = Field(
-        2, ge=0, le=3,
+        2,
+        ge=0,
+        le=3,
         description="ZeRO stage: 0 replicates everything, 1 partitions optimizer states, 2 also gradients, "
         "3 also the weights.",
     )
@@ -232,7 +240,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _StrictLoader.add_implicit_resolver(
@@ -255,9 +265,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen[key] = True
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -438,7 +446,11 @@ def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
         raise ConfigError(errors, source)
     assert policy and sampler and algorithm and all(rewards) and all(eval_rewards)
     return ResolvedRun(
-        config, policy, sampler, algorithm, tuple(r for r in rewards if r is not None),
+        config,
+        policy,
+        sampler,
+        algorithm,
+        tuple(r for r in rewards if r is not None),
         tuple(r for r in eval_rewards if r is not None),
     )
 

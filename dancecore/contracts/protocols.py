@@ -145,7 +145,9 @@ class TrainingServices(Protocol):
         """Recompute transitions ``(samples[j], steps[j])`` of the trajectory with gradient, micro-batch by micro-batch."""
         ...
 
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, rollout: Rollout, samples: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, rollout: Rollout, samples: torch.Tensor
+    ) -> torch.Tensor:
         """The policy's prediction (with gradient) for arbitrary latents of the given samples' prompts."""
         ...
 

@@ -188,8 +188,8 @@ def select_rows(cond: C, rows: torch.Tensor) -> C:
     updates: dict[str, Any] = {}
     for field in dataclasses.fields(cond):
         value = getattr(cond, field.name)
-        is_batched = field.name in batched if batched is not None else (
-            isinstance(value, torch.Tensor) and value.ndim >= 1
+        is_batched = (
+            field.name in batched if batched is not None else (isinstance(value, torch.Tensor) and value.ndim >= 1)
         )
         if is_batched and isinstance(value, torch.Tensor):
             updates[field.name] = value.index_select(0, rows.to(value.device))

@@ -45,6 +45,7 @@ _SECTION_OF_MODEL = {
     "DeepSpeedCommsConfig": "comms_logger",
 }
 
+
 def _select_accelerator(cuda: bool) -> None:
     """Tell DeepSpeed which accelerator to use before it is first imported (it autodetects
     CUDA; without a GPU it must be told ``cpu``)."""

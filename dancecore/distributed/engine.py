@@ -35,8 +35,6 @@ from dancecore.training.engine import trainable_named_parameters
 # ------------------------------------------------------------------------------------ the engine
 
 
-
-
 def _route_calls_through(module: torch.nn.Module, wrapper: Any) -> type:
     """Make ``module(...)``, as a policy calls it, run through the DeepSpeed engine's forward.
 

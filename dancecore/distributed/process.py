@@ -19,8 +19,6 @@ from dancecore.distributed.config import _deepspeed, _select_accelerator
 # ----------------------------------------------------------------------------- process set-up
 
 
-
-
 def _use_cuda(cfg: RunConfig) -> bool:
     return torch.cuda.is_available() and not cfg.train.device.startswith("cpu")
 

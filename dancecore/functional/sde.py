@@ -202,7 +202,11 @@ def linear_gaussian_step(
     mean_square = (_fp32(next_latents) - mean).square().mean(dim=tuple(range(1, x.ndim)))
     log_prob = torch.addcmul(k.logp_shift, k.logp_scale, mean_square)
     return StepResult(
-        next_latents=next_latents.to(latents.dtype), log_prob=log_prob, x0_hat=x0_hat.to(latents.dtype), mean=mean, std=k.std
+        next_latents=next_latents.to(latents.dtype),
+        log_prob=log_prob,
+        x0_hat=x0_hat.to(latents.dtype),
+        mean=mean,
+        std=k.std,
     )
 
 
@@ -231,7 +235,9 @@ def flow_sde_step(
     return linear_gaussian_step(latents, velocity, coefficients, noise=noise, next_latents=next_latents)
 
 
-def flow_ode_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> StepResult:
+def flow_ode_step(
+    latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> StepResult:
     """The deterministic Euler step of the flow ODE. Its log-probability is reported as 0: such
     steps are never trained."""
     return linear_gaussian_step(latents, velocity, flow_coefficients(sigma, sigma_next, 0.0), stochastic=False)

@@ -43,7 +43,9 @@ def plugin_weights(name: str, what: str = "model") -> Path:
             f"{what} weights {PLUGIN_PREFIX}{name}: plugin entry point {entry.value} failed: {type(exc).__name__}: {exc}"
         ) from None
     if not directory.is_dir():
-        raise WeightsNotFoundError(f"{what} weights {PLUGIN_PREFIX}{name}: {directory} (from {entry.value}) is not a directory")
+        raise WeightsNotFoundError(
+            f"{what} weights {PLUGIN_PREFIX}{name}: {directory} (from {entry.value}) is not a directory"
+        )
     return directory
 
 

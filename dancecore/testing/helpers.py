@@ -15,7 +15,9 @@ from dancecore.registry import load as load_plugin
 DEFAULT_PROMPTS: tuple[str, ...] = ("a red cube", "a cat on a mat", "a blue sphere")
 
 
-def build_component(kind: str, name: str, options: dict[str, Any] | None = None, context: BuildContext | None = None) -> Any:
+def build_component(
+    kind: str, name: str, options: dict[str, Any] | None = None, context: BuildContext | None = None
+) -> Any:
     """Build the installed component ``name`` of ``kind`` ('policy', 'sampler', 'reward', 'optimizer')
     from its options, as a run would (``cls(cls.Config(**options), context)``)."""
     cls = load_plugin(kind, name)

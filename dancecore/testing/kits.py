@@ -27,8 +27,16 @@ __all__ = ["check_policy_plugin", "check_reward_plugin", "check_sampler_plugin"]
 SAMPLER_FOR: dict[str, str] = {"flow": "flow-sde", "epsilon": "ddim-sde"}
 TINY_POLICY_FOR: dict[str, str] = {"flow": "testing-tiny", "epsilon": "testing-tiny-eps"}
 
-POLICY_MEMBERS = ("Config", "prediction_type", "module", "encode_prompts", "initial_noise", "predict", "decode",
-                  "trainable_parameters")
+POLICY_MEMBERS = (
+    "Config",
+    "prediction_type",
+    "module",
+    "encode_prompts",
+    "initial_noise",
+    "predict",
+    "decode",
+    "trainable_parameters",
+)
 SAMPLER_MEMBERS = ("Config", "schedule", "step")
 
 
@@ -68,7 +76,9 @@ def _build(label: str, cls: Any, config: Any, context: BuildContext | None) -> A
     try:
         return cls(config, context or BuildContext())
     except Exception as exc:  # the plugin's own failure, reported as a conformance failure
-        raise AssertionError(f"{label}: building it as cls(config, BuildContext()) failed: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError(
+            f"{label}: building it as cls(config, BuildContext()) failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _honours(label: str, component: Any, protocol: type, members: Sequence[str]) -> None:
@@ -114,7 +124,9 @@ def check_reward_plugin(
     assert not scores.requires_grad, f"{label}: scores require grad; score under torch.no_grad()"
     assert torch.equal(images, before), f"{label}: score() modified its input in place"
     again = reward.score(images, prompts)
-    assert torch.allclose(scores, again, atol=1e-6), f"{label}: not deterministic ({scores.tolist()} vs {again.tolist()})"
+    assert torch.allclose(scores, again, atol=1e-6), (
+        f"{label}: not deterministic ({scores.tolist()} vs {again.tolist()})"
+    )
     part = reward.score(images[1:3], prompts[1:3])
     assert torch.allclose(part, scores[1:3], atol=1e-4), (
         f"{label}: scores depend on the rest of the batch ({part.tolist()} vs {scores[1:3].tolist()})"
@@ -133,7 +145,9 @@ def _check_noise(label: str, policy: Any, n: int) -> torch.Tensor:
         f"{label}: initial_noise() must be fp32 on the CPU, got {first.dtype} on {first.device}"
     )
     again = policy.initial_noise(n, _generator(3))
-    assert torch.equal(first, again), f"{label}: initial_noise() differs for the same generator seed (draw from `generator`)"
+    assert torch.equal(first, again), (
+        f"{label}: initial_noise() differs for the same generator seed (draw from `generator`)"
+    )
     other = policy.initial_noise(n, _generator(4))
     assert not torch.equal(first, other), f"{label}: initial_noise() is the same for different generator seeds"
     return policy.initial_noise(n, _generator(0))
@@ -147,11 +161,15 @@ def _check_conditioning(label: str, cond: Any, again: Any, n: int) -> None:
     for field in dataclasses.fields(cond):
         a, b = getattr(cond, field.name), getattr(again, field.name)
         same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
-        assert same, f"{label}: encode_prompts() is not deterministic (field {field.name!r} differs between two encodings)"
+        assert same, (
+            f"{label}: encode_prompts() is not deterministic (field {field.name!r} differs between two encodings)"
+        )
     declared = getattr(cond, "batch_fields", None)
     for field in dataclasses.fields(cond):
         value = getattr(cond, field.name)
-        batched = field.name in declared if declared is not None else isinstance(value, torch.Tensor) and value.ndim >= 1
+        batched = (
+            field.name in declared if declared is not None else isinstance(value, torch.Tensor) and value.ndim >= 1
+        )
         if batched and isinstance(value, torch.Tensor):
             assert value.shape[0] == n, (
                 f"{label}: conditioning field {field.name!r} has {value.shape[0]} rows for {n} prompts; batched tensor "
@@ -173,7 +191,9 @@ def _eval_predictions(label: str, policy: Any, latents: torch.Tensor, t: torch.T
         try:
             picked = select_rows(cond, rows)
         except Exception as exc:
-            raise AssertionError(f"{label}: select_rows() failed on the conditioning: {type(exc).__name__}: {exc}") from exc
+            raise AssertionError(
+                f"{label}: select_rows() failed on the conditioning: {type(exc).__name__}: {exc}"
+            ) from exc
         assert type(picked) is type(cond), f"{label}: select_rows() changed the conditioning's type"
         part = policy.predict(latents[rows], t[rows], picked)
     assert torch.allclose(part, first[rows], rtol=1e-4, atol=1e-4), (
@@ -206,8 +226,14 @@ def _rollout(
 
 
 def _replay(
-    label: str, policy: Any, sampler: Any, schedule: Schedule, cond: Any, states: list[torch.Tensor],
-    log_probs: list[torch.Tensor], mask: list[bool],
+    label: str,
+    policy: Any,
+    sampler: Any,
+    schedule: Schedule,
+    cond: Any,
+    states: list[torch.Tensor],
+    log_probs: list[torch.Tensor],
+    mask: list[bool],
 ) -> torch.Tensor:
     """Recompute every transition with gradient; returns the sum of the stochastic steps' log-probs."""
     n = states[0].shape[0]
@@ -230,7 +256,9 @@ def _check_gradients(label: str, policy: Any, loss: torch.Tensor) -> None:
     assert isinstance(module, torch.nn.Module), f"{label}: `module` is {type(module).__name__}, not an nn.Module"
     trainable = list(policy.trainable_parameters())
     assert trainable, f"{label}: trainable_parameters() is empty: nothing would be trained"
-    assert all(p.requires_grad for p in trainable), f"{label}: trainable_parameters() lists a parameter that does not require grad"
+    assert all(p.requires_grad for p in trainable), (
+        f"{label}: trainable_parameters() lists a parameter that does not require grad"
+    )
     wanted = {id(p) for p in module.parameters() if p.requires_grad}
     assert {id(p) for p in trainable} == wanted, (
         f"{label}: trainable_parameters() must be exactly the parameters of `module` that require grad "
@@ -247,11 +275,19 @@ def _check_gradients(label: str, policy: Any, loss: torch.Tensor) -> None:
         module.zero_grad(set_to_none=True)
 
 
-def _check_deterministic_step(label: str, sampler: Any, schedule: Schedule, latents: torch.Tensor, pred: torch.Tensor) -> None:
-    a = sampler.step(schedule, 0, latents, pred, noise=torch.randn(latents.shape, generator=_generator(5)), deterministic=True)
-    b = sampler.step(schedule, 0, latents, pred, noise=torch.randn(latents.shape, generator=_generator(6)), deterministic=True)
+def _check_deterministic_step(
+    label: str, sampler: Any, schedule: Schedule, latents: torch.Tensor, pred: torch.Tensor
+) -> None:
+    a = sampler.step(
+        schedule, 0, latents, pred, noise=torch.randn(latents.shape, generator=_generator(5)), deterministic=True
+    )
+    b = sampler.step(
+        schedule, 0, latents, pred, noise=torch.randn(latents.shape, generator=_generator(6)), deterministic=True
+    )
     zeros = torch.zeros(latents.shape[0], dtype=a.log_prob.dtype, device=a.log_prob.device)
-    assert torch.equal(a.log_prob, zeros), f"{label}: the deterministic step's log-prob is {a.log_prob.tolist()}, not exactly 0"
+    assert torch.equal(a.log_prob, zeros), (
+        f"{label}: the deterministic step's log-prob is {a.log_prob.tolist()}, not exactly 0"
+    )
     assert torch.equal(a.next_latents, b.next_latents), f"{label}: the deterministic step depends on the noise"
 
 
@@ -261,7 +297,9 @@ def _check_pixels(label: str, pixels: Any, n: int) -> None:
     assert pixels.ndim in (4, 5) and shape[0] == n and shape[-3] == 3, (
         f"{label}: decode() returned shape {shape}; expected ({n}, 3, H, W) images or ({n}, F, 3, H, W) videos"
     )
-    assert pixels.is_floating_point() and bool(torch.isfinite(pixels).all()), f"{label}: decode() returned non-finite or non-float pixels"
+    assert pixels.is_floating_point() and bool(torch.isfinite(pixels).all()), (
+        f"{label}: decode() returned non-finite or non-float pixels"
+    )
     low, high = float(pixels.min()), float(pixels.max())
     assert 0.0 <= low and high <= 1.0, f"{label}: decode() returned pixels in [{low:.3g}, {high:.3g}], not in [0, 1]"
 
@@ -331,7 +369,9 @@ def check_policy_plugin(
 
 def _check_schedule(label: str, sampler: Any, num_steps: int) -> Schedule:
     schedule = sampler.schedule(num_steps)
-    assert isinstance(schedule, Schedule), f"{label}: schedule() returned {type(schedule).__name__}, not a dancecore.Schedule"
+    assert isinstance(schedule, Schedule), (
+        f"{label}: schedule() returned {type(schedule).__name__}, not a dancecore.Schedule"
+    )
     assert schedule.num_steps == num_steps, f"{label}: schedule({num_steps}) has {schedule.num_steps} steps"
     assert tuple(schedule.sigmas.shape) == (num_steps + 1,), (
         f"{label}: schedule({num_steps}).sigmas has shape {tuple(schedule.sigmas.shape)}, expected ({num_steps + 1},)"
@@ -345,16 +385,24 @@ def _check_schedule(label: str, sampler: Any, num_steps: int) -> Schedule:
     return schedule
 
 
-def _check_one_step(label: str, sampler: Any, schedule: Schedule, i: int, x: torch.Tensor, pred: torch.Tensor) -> StepResult:
+def _check_one_step(
+    label: str, sampler: Any, schedule: Schedule, i: int, x: torch.Tensor, pred: torch.Tensor
+) -> StepResult:
     """Sampling, scoring a given transition, and the shape of the result, for step ``i``."""
     n = x.shape[0]
     noise_a = torch.randn(x.shape, generator=_generator(100 + i))
     noise_b = torch.randn(x.shape, generator=_generator(200 + i))
     out = sampler.step(schedule, i, x, pred, noise=noise_a)
     assert isinstance(out, StepResult), f"{label}: step() returned {type(out).__name__}, not a dancecore.StepResult"
-    assert out.next_latents.shape == x.shape and out.x0_hat.shape == x.shape, f"{label}: step {i} changed the latents' shape"
-    assert tuple(out.log_prob.shape) == (n,), f"{label}: step {i}'s log_prob has shape {tuple(out.log_prob.shape)}, expected ({n},)"
-    assert bool(torch.isfinite(out.log_prob).all()), f"{label}: step {i}'s log_prob is not finite: {out.log_prob.tolist()}"
+    assert out.next_latents.shape == x.shape and out.x0_hat.shape == x.shape, (
+        f"{label}: step {i} changed the latents' shape"
+    )
+    assert tuple(out.log_prob.shape) == (n,), (
+        f"{label}: step {i}'s log_prob has shape {tuple(out.log_prob.shape)}, expected ({n},)"
+    )
+    assert bool(torch.isfinite(out.log_prob).all()), (
+        f"{label}: step {i}'s log_prob is not finite: {out.log_prob.tolist()}"
+    )
     again = sampler.step(schedule, i, x, pred, noise=noise_a)
     assert torch.equal(out.next_latents, again.next_latents) and torch.equal(out.log_prob, again.log_prob), (
         f"{label}: step {i} is not a function of its inputs and noise"
@@ -374,7 +422,11 @@ def _check_one_step(label: str, sampler: Any, schedule: Schedule, i: int, x: tor
 
 
 def _check_mixed_rows(
-    label: str, sampler: Any, schedule: Schedule, states: list[torch.Tensor], preds: list[torch.Tensor],
+    label: str,
+    sampler: Any,
+    schedule: Schedule,
+    states: list[torch.Tensor],
+    preds: list[torch.Tensor],
     log_probs: list[torch.Tensor],
 ) -> None:
     """Training scores transitions of different steps in one batch: each row must match its rollout."""
@@ -392,10 +444,14 @@ def _check_mixed_rows(
     )
 
 
-def _check_sampler_gradient(label: str, sampler: Any, schedule: Schedule, x: torch.Tensor, pred: torch.Tensor, nxt: torch.Tensor) -> None:
+def _check_sampler_gradient(
+    label: str, sampler: Any, schedule: Schedule, x: torch.Tensor, pred: torch.Tensor, nxt: torch.Tensor
+) -> None:
     leaf = pred.detach().clone().requires_grad_(True)
     out = sampler.step(schedule, torch.full((x.shape[0],), 0), x, leaf, next_latents=nxt)
-    assert out.log_prob.requires_grad, f"{label}: the log-prob of a given transition carries no gradient to the model output"
+    assert out.log_prob.requires_grad, (
+        f"{label}: the log-prob of a given transition carries no gradient to the model output"
+    )
     out.log_prob.sum().backward()
     assert leaf.grad is not None and bool(leaf.grad.abs().sum() > 0), (
         f"{label}: the gradient of the log-prob does not reach the model output"

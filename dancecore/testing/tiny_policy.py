@@ -40,7 +40,9 @@ def hash_embedding(text: str, dim: int) -> torch.Tensor:
     if not words:
         return torch.zeros(dim)
     vectors = [
-        torch.randn(dim, generator=torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(w.encode()).digest()[:7], "big")))
+        torch.randn(
+            dim, generator=torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(w.encode()).digest()[:7], "big"))
+        )
         for w in words
     ]
     return torch.stack(vectors).mean(0)
@@ -84,7 +86,9 @@ class TinyFlowPolicy:
         hidden: int = Field(16, ge=1, le=1024, description="Hidden channels of the network.")
         latent_channels: int = Field(4, ge=1, le=64, description="Channels of the latents.")
         latent_size: int = Field(8, ge=1, le=256, description="Height and width of the latents.")
-        image_size: int = Field(16, ge=1, le=1024, description="Side of the decoded images (a multiple of latent_size).")
+        image_size: int = Field(
+            16, ge=1, le=1024, description="Side of the decoded images (a multiple of latent_size)."
+        )
         embed_dim: int = Field(16, ge=2, le=1024, description="Size of the prompt and time embeddings.")
         trainable: Literal["all", "output"] = Field(
             "all", description="'output' trains only the last layer (the rest stays frozen, like an adapter)."
@@ -93,7 +97,9 @@ class TinyFlowPolicy:
         @model_validator(mode="after")
         def _image_size_fits(self) -> TinyFlowPolicy.Config:
             if self.image_size % self.latent_size:
-                raise ValueError(f"image_size ({self.image_size}) must be a multiple of latent_size ({self.latent_size})")
+                raise ValueError(
+                    f"image_size ({self.image_size}) must be a multiple of latent_size ({self.latent_size})"
+                )
             return self
 
     prediction_type = "flow"
@@ -121,7 +127,9 @@ class TinyFlowPolicy:
         self.module: nn.Module = module.to(self.device)
         self.module.train()
         # The frozen "VAE": a fixed channel projection to RGB (not part of the trained module).
-        self.projection = torch.randn((3, c.latent_channels), generator=generator).to(self.device) / math.sqrt(c.latent_channels)
+        self.projection = torch.randn((3, c.latent_channels), generator=generator).to(self.device) / math.sqrt(
+            c.latent_channels
+        )
 
     # ------------------------------------------------------------------------------ protocol
 

@@ -20,7 +20,9 @@ class EmaWeights:
         self.config = config
         self.engine = engine
         self.device = torch.device("cpu") if config.device == "cpu" else device
-        self.tensors = {k: v.detach().to(self.device, torch.float32, copy=True) for k, v in engine.model_state().items()}
+        self.tensors = {
+            k: v.detach().to(self.device, torch.float32, copy=True) for k, v in engine.model_state().items()
+        }
 
     def due(self, updates: int) -> bool:
         """Whether the average is updated after the ``updates``-th successful optimizer update."""

@@ -55,7 +55,9 @@ class TrainEngine(Protocol):
         """Optimizer tensors and JSON metadata."""
         ...
 
-    def load_state(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def load_state(
+        self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
         """Restore weights and optimizer state."""
         ...
 
@@ -77,13 +79,17 @@ def load_trainable(module: torch.nn.Module, weights: dict[str, torch.Tensor]) ->
     with torch.no_grad():
         for name, p in params.items():
             if p.shape != weights[name].shape:
-                raise ValueError(f"checkpoint weight {name} has shape {tuple(weights[name].shape)}, model {tuple(p.shape)}")
+                raise ValueError(
+                    f"checkpoint weight {name} has shape {tuple(weights[name].shape)}, model {tuple(p.shape)}"
+                )
             p.copy_(weights[name].to(p.device, p.dtype))
 
 
 def _fusable(params: list[torch.nn.Parameter]) -> bool:
     """Whether torch's fused AdamW can take these parameters (floating point, on CPU or CUDA)."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
 
 
 class LocalEngine:
@@ -144,7 +150,9 @@ class LocalEngine:
         """AdamW moments as tensors, hyper-parameters as JSON."""
         return flatten_optimizer_state(self.optimizer.state_dict())
 
-    def load_state(self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def load_state(
+        self, model: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
         """Restore weights and AdamW state."""
         load_trainable(self.module, model)
         self.optimizer.load_state_dict(unflatten_optimizer_state(optimizer, meta, self.optimizer.param_groups))

@@ -135,7 +135,9 @@ def _write_outputs(
         from dancecore.outputs.video import write_video
 
         for n, row in enumerate(rows):
-            write_video(pixels[n], output_dir / "videos" / f"prompt{row['prompt_index']:04d}-sample{row['sample']:02d}.mp4")
+            write_video(
+                pixels[n], output_dir / "videos" / f"prompt{row['prompt_index']:04d}-sample{row['sample']:02d}.mp4"
+            )
 
 
 class PeriodicEval:
@@ -168,18 +170,31 @@ class PeriodicEval:
         try:
             with trainer.ema.swapped_in(module) if use_ema and trainer.ema else contextlib.nullcontext():
                 items, pixels = ode_samples(
-                    trainer.policy, trainer.sampler, self.prompts, samples_per_prompt=self.config.samples_per_prompt,
-                    seed=self.config.seed, batch_size=self.config.batch_size, device=trainer.device,
+                    trainer.policy,
+                    trainer.sampler,
+                    self.prompts,
+                    samples_per_prompt=self.config.samples_per_prompt,
+                    seed=self.config.seed,
+                    batch_size=self.config.batch_size,
+                    device=trainer.device,
                 )
         finally:
             module.train(was_training)
         if not trainer.is_main:
             return {}
         result = score_and_report(
-            self.rewards, items, pixels, self.root / f"iter-{done:06d}",
-            weights=f"{'EMA ' if use_ema else ''}after {done} iterations", failure_policy=trainer.cfg.reward_failure,
+            self.rewards,
+            items,
+            pixels,
+            self.root / f"iter-{done:06d}",
+            weights=f"{'EMA ' if use_ema else ''}after {done} iterations",
+            failure_policy=trainer.cfg.reward_failure,
         )
-        record: dict[str, Any] = {"iteration": done, "weights": "ema" if use_ema else "trained", **{f"eval/{name}": stats["mean"] for name, stats in result.summary.items()}}
+        record: dict[str, Any] = {
+            "iteration": done,
+            "weights": "ema" if use_ema else "trained",
+            **{f"eval/{name}": stats["mean"] for name, stats in result.summary.items()},
+        }
         for name, groups in result.breakdown.items():
             record.update({f"eval/{name}/{group}": value for group, value in groups.items()})
         earlier = [r for r in self.history() if r["iteration"] < done]  # a resumed run may redo one
@@ -207,7 +222,11 @@ def divergence_alarm(config: EvalConfig, history: list[dict[str, Any]], metrics:
         return None
 
     def training_reward(at: int, since: int) -> float:
-        values = [r["reward_mean"] for r in metrics if since <= r["iteration"] < max(at, 1) and math.isfinite(r["reward_mean"])]
+        values = [
+            r["reward_mean"]
+            for r in metrics
+            if since <= r["iteration"] < max(at, 1) and math.isfinite(r["reward_mean"])
+        ]
         return sum(values) / len(values) if values else math.nan
 
     positions = [h["iteration"] for h in history]
@@ -244,6 +263,7 @@ def eval_summary(history: list[dict[str, Any]], output_dir: Path) -> str | None:
         if key.startswith("eval/") and key.count("/") == 1 and key in last
     ]
     return (
-        f"held-out eval (iteration {first['iteration']} -> {last['iteration']}): " + ", ".join(parts)
+        f"held-out eval (iteration {first['iteration']} -> {last['iteration']}): "
+        + ", ".join(parts)
         + f"\nheld-out grids: {grids[0]} (before), {grids[1]} (after)"
     )

@@ -89,7 +89,9 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
     return record
 
 
-def score_on_every_rank(trainer: Trainer, pixels: torch.Tensor, texts: list[str], group_ids: torch.Tensor) -> ScoringResult:
+def score_on_every_rank(
+    trainer: Trainer, pixels: torch.Tensor, texts: list[str], group_ids: torch.Tensor
+) -> ScoringResult:
     """Score under the reward-failure policy; a failure on any rank stops every rank together."""
     failure: RewardFailure | None = None
     scored: ScoringResult | None = None

@@ -76,7 +76,11 @@ def _progress_bar(trainer: Trainer, total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(
-        total=total, initial=trainer.start_iteration, desc="GRPO", unit="it", dynamic_ncols=True,
+        total=total,
+        initial=trainer.start_iteration,
+        desc="GRPO",
+        unit="it",
+        dynamic_ncols=True,
         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}, {rate_fmt}{postfix}]",
     )
 

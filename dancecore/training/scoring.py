@@ -39,13 +39,13 @@ class NamedReward:
     plugin: str | None = None
 
 
-
 def build_rewards(run: ResolvedRun, context: BuildContext) -> list[NamedReward]:
     """Build every reward of a run, each named for metrics and tagged with its plugin."""
     return [
         NamedReward(spec.display_name, spec.weight, resolved.cls(resolved.config, context), plugin=spec.name)
         for spec, resolved in zip(run.config.rewards, run.rewards, strict=True)
     ]
+
 
 def build_eval_rewards(run: ResolvedRun, context: BuildContext) -> list[NamedReward]:
     """The rewards of the run's evaluation: ``eval.rewards`` when given, else the training rewards."""

@@ -78,10 +78,14 @@ class CoreServices:
         if self._reference is None:
             raise TrainingError("this run has no reference policy (the algorithm did not ask for one)")
         with self._reference().active(), self.calls.autocast():
-            pred = self.policy.predict(batch.latents, rollout.schedule.timesteps[batch.steps], self._rows(rollout, batch.samples))
+            pred = self.policy.predict(
+                batch.latents, rollout.schedule.timesteps[batch.steps], self._rows(rollout, batch.samples)
+            )
         return self.sampler.step(rollout.schedule, batch.steps, batch.latents, pred, next_latents=batch.next_latents)
 
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, rollout: Rollout, samples: torch.Tensor) -> torch.Tensor:
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, rollout: Rollout, samples: torch.Tensor
+    ) -> torch.Tensor:
         """The policy's prediction (with gradient) for any latents of the given samples' prompts."""
         with self.calls.autocast():
             return self.policy.predict(latents.to(self.device), timesteps, self._rows(rollout, samples))

@@ -82,7 +82,9 @@ class Trainer:
         context = BuildContext(
             device=self.device, seed=cfg.seed, rank=rank, world_size=world_size, output_dir=self.output_dir
         )
-        self.order = PromptOrder(load_prompts(cfg.prompts), cfg.train.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle)
+        self.order = PromptOrder(
+            load_prompts(cfg.prompts), cfg.train.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle
+        )
         torch.manual_seed(cfg.seed)  # any init-time randomness (e.g. LoRA) is seeded too
         random.seed(derive_seed(cfg.seed, "python", rank))  # python/numpy RNGs: reproducible, per rank
         np.random.seed(derive_seed(cfg.seed, "numpy", rank) % 2**32)
@@ -184,15 +186,24 @@ class Trainer:
     def rollout(self, draw: int, cond: Any, schedule: Schedule, stochastic: torch.Tensor) -> Trajectory:
         """G trajectories per prompt of this rank (see :func:`~dancecore.training.sampling.grouped_rollout`)."""
         return sampling.grouped_rollout(
-            self.policy, self.sampler, self.calls, seed=self.cfg.seed, draw=draw,
-            prompt_ids=self.global_prompt_ids(draw), group_size=self.group_size,
-            cond=cond, schedule=schedule, stochastic=stochastic,
+            self.policy,
+            self.sampler,
+            self.calls,
+            seed=self.cfg.seed,
+            draw=draw,
+            prompt_ids=self.global_prompt_ids(draw),
+            group_size=self.group_size,
+            cond=cond,
+            schedule=schedule,
+            stochastic=stochastic,
         )
 
     def reference_policy(self) -> ReferencePolicy:
         """The KL reference (only when the algorithm asked for one)."""
         if self.reference is None:
-            raise TrainingError(f"algorithm {self.run.algorithm.name!r} has no reference policy (needs_reference is false)")
+            raise TrainingError(
+                f"algorithm {self.run.algorithm.name!r} has no reference policy (needs_reference is false)"
+            )
         return self.reference
 
     def iteration(self, iteration: int) -> dict[str, Any]:
@@ -221,8 +232,11 @@ class Trainer:
         ordered = {k: record[k] for k in ("iteration", "data_cursor", "sampler_rng", "lr_schedule")}
         rest = {k: v for k, v in record.items() if k not in ordered}
         return {
-            **ordered, "optimizer": optimizer_meta, **rest,
-            "world_size": self.world_size, "config": json.loads(self.cfg.model_dump_json()),
+            **ordered,
+            "optimizer": optimizer_meta,
+            **rest,
+            "world_size": self.world_size,
+            "config": json.loads(self.cfg.model_dump_json()),
         }
 
     def save(self, iteration: int) -> Path | None:

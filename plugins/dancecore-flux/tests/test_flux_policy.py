@@ -17,7 +17,9 @@ def policy() -> FluxPolicy:
     return FluxPolicy(FluxPolicy.Config(preset="tiny"))
 
 
-@pytest.mark.parametrize("options", [{"preset": "tiny"}, {"preset": "tiny", "lora": {"rank": 2, "alpha": 2}}], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "options", [{"preset": "tiny"}, {"preset": "tiny", "lora": {"rank": 2, "alpha": 2}}], ids=["full", "lora"]
+)
 def test_conforms_to_the_policy_contract(options):
     """Registry, config, seeded noise, rollout/replay log-prob identity, gradients, select_rows, decode."""
     assert isinstance(check_policy_plugin("flux", options, prompts=PROMPTS), FluxPolicy)
@@ -51,7 +53,9 @@ def test_prompt_changes_the_prediction(policy):
 
 def test_loads_the_same_weights_from_a_local_directory(policy):
     from_path = FluxPolicy(FluxPolicy.Config(pretrained=str(tiny_flux_dir()), resolution=32, max_sequence_length=32))
-    for (name, a), (_, b) in zip(policy.module.state_dict().items(), from_path.module.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        policy.module.state_dict().items(), from_path.module.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -43,7 +43,9 @@ def test_conforms_to_the_policy_contract(image_prompts):
     """Registry, flow prediction for flow-sde (SkyReels' shift), seeded noise, deterministic encoding
     (of the first frames too) and prediction with CFG, rollout/replay log-prob identity, gradients,
     select_rows with the shared negative branch, video decode."""
-    policy = check_policy_plugin("skyreels-i2v", {"preset": "tiny"}, sampler_options={"shift": 7.0}, prompts=image_prompts)
+    policy = check_policy_plugin(
+        "skyreels-i2v", {"preset": "tiny"}, sampler_options={"shift": 7.0}, prompts=image_prompts
+    )
     assert isinstance(policy, SkyReelsI2VPolicy)
     assert policy.config.cfg_scale == 5.0
 

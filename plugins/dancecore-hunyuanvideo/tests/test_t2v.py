@@ -22,7 +22,9 @@ SIGMAS = torch.tensor([1.0, 0.6, 0.1])
 def test_conforms_to_the_policy_contract(prompts):
     """Registry, flow prediction for flow-sde (the paper's shift and eta), seeded noise, deterministic
     encoding and prediction, rollout/replay log-prob identity, gradients, select_rows, video decode."""
-    policy = check_policy_plugin("hunyuanvideo", {"preset": "tiny"}, sampler_options={"shift": 5.0, "eta": 0.25}, prompts=prompts)
+    policy = check_policy_plugin(
+        "hunyuanvideo", {"preset": "tiny"}, sampler_options={"shift": 5.0, "eta": 0.25}, prompts=prompts
+    )
     assert isinstance(policy, HunyuanVideoPolicy)
 
 

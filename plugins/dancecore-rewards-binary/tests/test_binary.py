@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from dancecore import ConfigError, Reward
 from dancecore.testing import contract_problems, load_plugin, validate
 
-Brightness = load_plugin('reward', 'brightness')  # the built-in, loaded as a run loads it
+Brightness = load_plugin("reward", "brightness")  # the built-in, loaded as a run loads it
 
 
 def _gray(levels: list[float]) -> torch.Tensor:

@@ -268,7 +268,19 @@ def encode_all(vae, pixels: torch.Tensor, batch: int = 256) -> tuple[torch.Tenso
 
 
 def train_flow(
-    transformer, text: TextEncoders, latents, lat_std, index, captions, steps, batch, lr, gen, deadline, log, on_step=None
+    transformer,
+    text: TextEncoders,
+    latents,
+    lat_std,
+    index,
+    captions,
+    steps,
+    batch,
+    lr,
+    gen,
+    deadline,
+    log,
+    on_step=None,
 ):
     params = [*transformer.parameters(), *text.clip.parameters(), *text.t5.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -439,7 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None, help=f"default {value}")
     args = vars(p.parse_args(argv))
     snaps = tuple(int(x) for x in args.pop("snapshots").split(",") if x)
-    pretrain(args.pop("out"), args.pop("seed"), args.pop("minutes"), args.pop("prompts"), snaps, args.pop("vae_from"), **args)
+    pretrain(
+        args.pop("out"), args.pop("seed"), args.pop("minutes"), args.pop("prompts"), snaps, args.pop("vae_from"), **args
+    )
 
 
 if __name__ == "__main__":

@@ -89,4 +89,6 @@ def test_base_heldout_score_in_documented_range(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["samples"]
     table = task_table([r["prompt"] for r in rows], [r["shapes"] for r in rows])
-    assert 0.08 <= table["overall"] <= 0.6, f"base held-out GenEval overall {table['overall']:.3f} outside [0.08, 0.6]: {table}"
+    assert 0.08 <= table["overall"] <= 0.6, (
+        f"base held-out GenEval overall {table['overall']:.3f} outside [0.08, 0.6]: {table}"
+    )

@@ -56,8 +56,12 @@ def test_conformance_kit_rejects_non_shapes_prompts() -> None:
 def test_conforms_to_the_reward_contract_on_shapes_captions(partial: bool) -> None:
     from dancecore.testing import check_reward_plugin
 
-    captions = ["a photo of a circle", "a photo of a red square", "a photo of three triangles",
-                "a photo of a square left of a circle"]
+    captions = [
+        "a photo of a circle",
+        "a photo of a red square",
+        "a photo of three triangles",
+        "a photo of a square left of a circle",
+    ]
     check_reward_plugin("shapes", {"partial_credit": partial}, prompts=captions)
 
 
