@@ -34,7 +34,8 @@ from dancecore.outputs.video import write_video
 from dancecore.registry import contract_problems
 from dancecore.registry import load as load_plugin
 from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, sample_images
-from dancecore.testing.kits import check_policy_plugin, check_reward_plugin, check_sampler_plugin
+from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
+from dancecore.testing.reward_kit import check_reward_plugin
 from dancecore.testing.tiny_policy import TinyConditioning, TinyEpsilonPolicy, TinyFlowPolicy
 from dancecore.training.prompts import read_prompt_file
 

@@ -19,9 +19,9 @@ from dancecore import registry
 from dancecore.contracts.protocols import BuildContext, Policy, Sampler, WindowedSampler
 from dancecore.contracts.records import Prompt, PromptBatch, Schedule, StepResult, select_rows
 from dancecore.errors import PluginError
-from dancecore.testing.helpers import build_component, prompt_batch, sample_images
+from dancecore.testing.helpers import build_component, prompt_batch
 
-__all__ = ["check_policy_plugin", "check_reward_plugin", "check_sampler_plugin"]
+__all__ = ["check_policy_plugin", "check_sampler_plugin"]
 
 #: The built-in sampler for each prediction type, and the tiny policy for each.
 SAMPLER_FOR: dict[str, str] = {"flow": "flow-sde", "epsilon": "ddim-sde"}
@@ -92,49 +92,6 @@ def _generator(seed: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------ rewards
-
-
-def check_reward_plugin(
-    name: str | type,
-    options: dict[str, Any] | None = None,
-    *,
-    image_size: int = 32,
-    prompts: Sequence[str] | None = None,
-) -> Any:
-    """Check that the installed reward plugin ``name`` honours the ``Reward`` contract.
-
-    It must: be discoverable through the ``dancecore.rewards`` entry point; have a nested pydantic
-    ``Config`` with ``extra="forbid"`` that accepts ``options`` and rejects an unknown key; build as
-    ``cls(config, BuildContext())``; return one finite float per sample as a tensor of shape (B,);
-    be deterministic; not depend on batch composition (scores of a sub-batch equal those in the
-    full batch); not require gradients; and leave the input tensor unchanged. Returns the built
-    reward for further plugin-specific checks.
-    """
-    label, cls = _load("reward", name)
-    reward = _build(label, cls, _config(label, cls, options), None)
-    images = sample_images(4, image_size)
-    before = images.clone()
-    prompts = list(prompts) if prompts is not None else ["a red apple", "a blue car", "a cat", "an empty room"]
-    assert len(prompts) == 4, "check_reward_plugin scores four images: give four prompts"
-    scores = reward.score(images, prompts)
-    assert isinstance(scores, torch.Tensor), f"{label}: score() returned {type(scores).__name__}, not a tensor"
-    assert scores.shape == (4,), f"{label}: score() returned shape {tuple(scores.shape)}, expected (4,)"
-    assert scores.is_floating_point(), f"{label}: score() returned dtype {scores.dtype}, expected floating point"
-    assert bool(torch.isfinite(scores).all()), f"{label}: score() returned non-finite values {scores.tolist()}"
-    assert not scores.requires_grad, f"{label}: scores require grad; score under torch.no_grad()"
-    assert torch.equal(images, before), f"{label}: score() modified its input in place"
-    again = reward.score(images, prompts)
-    assert torch.allclose(scores, again, atol=1e-6), (
-        f"{label}: not deterministic ({scores.tolist()} vs {again.tolist()})"
-    )
-    part = reward.score(images[1:3], prompts[1:3])
-    assert torch.allclose(part, scores[1:3], atol=1e-4), (
-        f"{label}: scores depend on the rest of the batch ({part.tolist()} vs {scores[1:3].tolist()})"
-    )
-    return reward
-
-
-# ------------------------------------------------------------------------------------ policies
 
 
 def _check_noise(label: str, policy: Any, n: int) -> torch.Tensor:
