@@ -26,7 +26,7 @@ from dancecore.functional.grpo import trainable_steps
 from dancecore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "smoke" / "brightness.yaml"
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 # The setting the performance targets are stated for: tiny FLUX, G = 8, 16 steps, one group.
 HEADLINE = [

@@ -58,7 +58,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rewards = ", ".join(f"{r.display_name} (x{r.weight:g})" for r in run.config.rewards)
     print(
         f"{args.config}: OK - policy {run.policy.name}, sampler {run.sampler.name}, "
-        f"optimizer {run.optimizer.name}, rewards {rewards}"
+        f"algorithm {run.algorithm.name}, rewards {rewards}"
     )
     return 0
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from dancecore.registry import PluginError, is_blocked
+
+if TYPE_CHECKING:
+    from dancecore.config.schema import RunConfig
 
 hookspec = pluggy.HookspecMarker("dancecore")
 hookimpl = pluggy.HookimplMarker("dancecore")
@@ -23,19 +27,20 @@ class Hooks:
     """The hook specifications."""
 
     @hookspec
-    def dancecore_run_start(self, config: Any, output_dir: Any) -> None:
-        """A run starts (after components are built, before the first iteration)."""
+    def dancecore_run_start(self, config: RunConfig, output_dir: Path) -> None:
+        """A run starts (after components are built, before the first iteration); ``config`` is
+        the validated run config."""
 
     @hookspec
     def dancecore_iteration_end(self, iteration: int, metrics: dict[str, float]) -> None:
         """An iteration finished; ``metrics`` is the record written to metrics.jsonl."""
 
     @hookspec
-    def dancecore_checkpoint_saved(self, iteration: int, path: Any) -> None:
+    def dancecore_checkpoint_saved(self, iteration: int, path: Path) -> None:
         """A checkpoint was committed at ``path``."""
 
     @hookspec
-    def dancecore_run_end(self, output_dir: Any, status: str) -> None:
+    def dancecore_run_end(self, output_dir: Path, status: str) -> None:
         """A run ends; status is 'finished', 'stopped' or 'failed'."""
 
     @hookspec

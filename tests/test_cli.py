@@ -92,7 +92,7 @@ def test_missing_weights_directory_is_a_clear_error(tmp_path):
 def test_ls_lists_recipes():
     result = run_cli("ls")
     assert result.returncode == 0 and "quickstart.yaml" in result.stdout
-    assert (ROOT / "configs" / "smoke" / "brightness.yaml").is_file()
+    assert (ROOT / "configs" / "quickstart.yaml").is_file()
 
 
 def test_validate_reports_deepspeed_passthrough_conflicts(tmp_path):

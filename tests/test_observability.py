@@ -13,7 +13,7 @@ from dancecore.config.schema import apply_overrides, load_yaml_file, validate
 from dancecore.outputs.observers import ObservabilityError, Observers, open_observers, scalar_tags
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "smoke" / "brightness.yaml"
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 TINY = ["train.prompts_per_iteration=1", "optimizer.group_size=4", "sampler.num_steps=4"]
 
 

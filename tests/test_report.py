@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     run = load_run(
-        ROOT / "configs" / "smoke" / "brightness.yaml",
+        ROOT / "configs" / "quickstart.yaml",
         [
             f"output_dir={out}",
             "train.iterations=3",

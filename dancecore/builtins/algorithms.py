@@ -169,6 +169,8 @@ class GRPO:
         self.config = config
         self.group_size = config.group_size
         self.needs_reference = config.kl_beta > 0
+        self.reference_dtype = config.reference_dtype
+        self.reference_device = config.reference_device
 
     def train(self, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
         """Advantages, sample selection and the clipped-ratio training pass (plus KL when kl_beta > 0)."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel
@@ -213,9 +213,12 @@ class Algorithm(Protocol):
 class ReferenceAlgorithm(Algorithm, Protocol):
     """An algorithm that may regularise towards a reference policy (KL): when ``needs_reference``
     is true the core provides one (the LoRA-disabled network, or a frozen copy of the weights at
-    the start of training) through :meth:`TrainingServices.reference_step`."""
+    the start of training) through :meth:`TrainingServices.reference_step`. A frozen copy is kept in
+    ``reference_dtype`` ("float32" or "bfloat16") on ``reference_device`` ("same" or "cpu")."""
 
     needs_reference: bool
+    reference_dtype: Literal["float32", "bfloat16"]
+    reference_device: Literal["same", "cpu"]
 
 
 @runtime_checkable

@@ -19,7 +19,14 @@ import torch
 from dancecore import checkpoint as ckpt
 from dancecore.builtins.algorithms import ClippedRatioAlgorithm
 from dancecore.config.schema import ResolvedRun, RunConfig
-from dancecore.contracts.protocols import Algorithm, BuildContext, Policy, ReferenceAlgorithm, Sampler
+from dancecore.contracts.protocols import (
+    Algorithm,
+    BuildContext,
+    Policy,
+    ReferenceAlgorithm,
+    Sampler,
+    StatefulAlgorithm,
+)
 from dancecore.contracts.records import Prompt, Schedule, Trajectory
 from dancecore.errors import OutputDirError, TrainingError
 from dancecore.functional.seeding import derive_seed
@@ -105,11 +112,10 @@ class Trainer:
         self.ema = EmaWeights(cfg.train.ema, self.engine, self.device) if cfg.train.ema is not None else None
         self.reference: ReferencePolicy | None = None  # made now, before resume loads trained weights
         if isinstance(self.algorithm, ReferenceAlgorithm) and self.algorithm.needs_reference:
-            options = getattr(self.algorithm, "config", None)
             self.reference = ReferencePolicy(
                 self.policy,
-                dtype=getattr(options, "reference_dtype", "float32"),
-                device=getattr(options, "reference_device", "same"),
+                dtype=self.algorithm.reference_dtype,
+                device=self.algorithm.reference_device,
                 distributed=not isinstance(self.engine, LocalEngine),
             )
             if self.is_main:
@@ -220,8 +226,7 @@ class Trainer:
     def _sync_state(self) -> TrainingState:
         """The training-state record with the live objects' state (LR schedule, algorithm) copied in."""
         self.state.lr_schedule = self.lr_schedule.state_dict()
-        state_dict = getattr(self.algorithm, "state_dict", None)
-        self.state.algorithm = state_dict() if callable(state_dict) else {}
+        self.state.algorithm = self.algorithm.state_dict() if isinstance(self.algorithm, StatefulAlgorithm) else {}
         return self.state
 
     def capture_state(self, iteration: int, optimizer_meta: dict[str, Any]) -> dict[str, Any]:
@@ -325,9 +330,8 @@ class Trainer:
             if loaded.ema is None:
                 raise ckpt.CheckpointError(f"checkpoint {loaded.path} has no EMA, but train.ema is set")
             self.ema.load(loaded.ema)
-        load_state_dict = getattr(self.algorithm, "load_state_dict", None)
-        if callable(load_state_dict) and self.state.algorithm:
-            load_state_dict(self.state.algorithm)
+        if isinstance(self.algorithm, StatefulAlgorithm) and self.state.algorithm:
+            self.algorithm.load_state_dict(self.state.algorithm)
         messages = []
         if loaded.rank_state is None:
             messages.append(f"rank {self.rank}: no RNG states in the checkpoint (world size changed); re-seeded")
