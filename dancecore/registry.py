@@ -89,6 +89,8 @@ def _entry_point(kind: str, name: str) -> tuple[metadata.EntryPoint, str]:
     if kind not in KINDS:
         raise PluginError(f"unknown component kind {kind!r}; expected one of {sorted(KINDS)}")
     searched = [(kind, KINDS[kind])] + ([("optimizer", OLD_GROUPS[kind])] if kind in OLD_GROUPS else [])
+    if kind == "optimizer":  # the old kind name also finds algorithms registered under the new group
+        searched.append(("algorithm", KINDS["algorithm"]))
     for contract, group in searched:
         matches = [ep for ep in metadata.entry_points(group=group) if ep.name == name]
         packages = sorted({_package(ep) for ep in matches})

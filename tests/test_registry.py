@@ -18,6 +18,7 @@ def test_builtins_are_registered_through_entry_points():
 
 def test_load_returns_the_class():
     assert registry.load("algorithm", "grpo") is GRPO
+    assert registry.load("optimizer", "grpo") is GRPO  # the old kind name still finds it
 
 
 def test_unknown_plugin_names_what_is_installed():

@@ -11,7 +11,7 @@ import torch
 from dancecore import RewardScores
 from dancecore.testing import group_advantages, load_plugin
 
-GRPO = load_plugin("optimizer", "grpo")  # the built-in, loaded as a run loads it
+GRPO = load_plugin("algorithm", "grpo")  # the built-in, loaded as a run loads it
 
 ROOT = Path(__file__).resolve().parents[3]
 HUNYUAN = ROOT / "configs" / "hunyuanvideo" / "videoalign.yaml"
