@@ -98,9 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if summary:
             print(summary)
         if run.config.eval is not None:
-            from dancecore.training.evaluation import eval_summary, read_history
+            from dancecore.outputs.report import load_eval_history
+            from dancecore.training.evaluation import eval_summary
 
-            held_out = eval_summary(read_history(out), out)
+            held_out = eval_summary(load_eval_history(out), out)
             if held_out:
                 print(held_out)
         print(

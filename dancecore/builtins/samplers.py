@@ -48,6 +48,26 @@ class _CoefficientTables:
             return hit[2][index]
         return split_coefficients(hit[1][index.to(like.device)], like.ndim)
 
+    def step(
+        self,
+        schedule: Schedule,
+        eta: float,
+        index: int | torch.Tensor,
+        latents: torch.Tensor,
+        model_output: torch.Tensor,
+        noise: torch.Tensor | None,
+        next_latents: torch.Tensor | None,
+    ) -> StepResult:
+        """The linear-Gaussian step with this table's constants; ``eta == 0`` is the deterministic step."""
+        return linear_gaussian_step(
+            latents,
+            model_output,
+            self(schedule, eta, index, latents),
+            stochastic=eta != 0.0,
+            noise=noise,
+            next_latents=next_latents,
+        )
+
 
 class _FlowScheduleConfig(ComponentConfig):
     """The schedule options every rectified-flow sampler shares."""
@@ -131,14 +151,7 @@ class FlowSDESampler:
     ) -> StepResult:
         """One SDE (or, if ``deterministic``, ODE) step."""
         eta = 0.0 if deterministic else self.config.eta
-        return linear_gaussian_step(
-            latents,
-            model_output,
-            self._coefficients(schedule, eta, index, latents),
-            stochastic=not deterministic,
-            noise=noise,
-            next_latents=next_latents,
-        )
+        return self._coefficients.step(schedule, eta, index, latents, model_output, noise, next_latents)
 
 
 def _flow_grpo_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
@@ -188,14 +201,7 @@ class FlowCPSSampler:
     ) -> StepResult:
         """One CPS step (the Euler step when ``deterministic``)."""
         eta = 0.0 if deterministic else self.config.eta
-        return linear_gaussian_step(
-            latents,
-            model_output,
-            self._coefficients(schedule, eta, index, latents),
-            stochastic=not deterministic,
-            noise=noise,
-            next_latents=next_latents,
-        )
+        return self._coefficients.step(schedule, eta, index, latents, model_output, noise, next_latents)
 
 
 class DDIMSDESampler:
@@ -249,11 +255,4 @@ class DDIMSDESampler:
     ) -> StepResult:
         """One DDIM step (eta = 0 when ``deterministic``)."""
         eta = 0.0 if deterministic else self.config.eta
-        return linear_gaussian_step(
-            latents,
-            model_output,
-            self._coefficients(schedule, eta, index, latents),
-            stochastic=eta != 0.0,
-            noise=noise,
-            next_latents=next_latents,
-        )
+        return self._coefficients.step(schedule, eta, index, latents, model_output, noise, next_latents)

@@ -25,6 +25,7 @@ from dancecore.contracts.protocols import Policy, Sampler, SummarizingReward
 from dancecore.contracts.records import Prompt, PromptBatch, select_rows
 from dancecore.functional.seeding import generator
 from dancecore.outputs.images import save_grid
+from dancecore.outputs.report import load_eval_history
 from dancecore.training.engine import LocalEngine
 from dancecore.training.prompts import read_prompt_file
 from dancecore.training.scoring import NamedReward, score_samples
@@ -159,7 +160,7 @@ class PeriodicEval:
 
     def history(self) -> list[dict[str, Any]]:
         """Every evaluation so far, in order."""
-        return read_history(self.root.parent)
+        return load_eval_history(self.root.parent)
 
     def run(self, trainer: Trainer, done: int) -> dict[str, Any]:
         """Evaluate the current weights; every rank samples (the network may be sharded), rank 0 writes."""
@@ -241,14 +242,6 @@ def divergence_alarm(config: EvalConfig, history: list[dict[str, Any]], metrics:
             f"{then['iteration']} and {now['iteration']}"
         )
     return None
-
-
-def read_history(output_dir: Path) -> list[dict[str, Any]]:
-    """The evaluations of the run in ``output_dir`` (``eval/history.jsonl``), in order."""
-    path = output_dir / "eval" / "history.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def eval_summary(history: list[dict[str, Any]], output_dir: Path) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dancecore.config.schema import ResolvedRun, RewardFailureConfig
+from dancecore.config.schema import ResolvedComponent, ResolvedRun, RewardFailureConfig, RewardSpec
 from dancecore.contracts.protocols import BuildContext
 from dancecore.contracts.records import RewardScores
 from dancecore.errors import RewardFailure
@@ -39,23 +39,25 @@ class NamedReward:
     plugin: str | None = None
 
 
+def _named_rewards(
+    specs: Sequence[RewardSpec], resolved: Sequence[ResolvedComponent], context: BuildContext
+) -> list[NamedReward]:
+    return [
+        NamedReward(spec.display_name, spec.weight, r.cls(r.config, context), plugin=spec.name)
+        for spec, r in zip(specs, resolved, strict=True)
+    ]
+
+
 def build_rewards(run: ResolvedRun, context: BuildContext) -> list[NamedReward]:
     """Build every reward of a run, each named for metrics and tagged with its plugin."""
-    return [
-        NamedReward(spec.display_name, spec.weight, resolved.cls(resolved.config, context), plugin=spec.name)
-        for spec, resolved in zip(run.config.rewards, run.rewards, strict=True)
-    ]
+    return _named_rewards(run.config.rewards, run.rewards, context)
 
 
 def build_eval_rewards(run: ResolvedRun, context: BuildContext) -> list[NamedReward]:
     """The rewards of the run's evaluation: ``eval.rewards`` when given, else the training rewards."""
-    specs = run.config.eval.rewards if run.config.eval and run.config.eval.rewards else None
-    if not specs:
-        return build_rewards(run, context)
-    return [
-        NamedReward(spec.display_name, spec.weight, resolved.cls(resolved.config, context), plugin=spec.name)
-        for spec, resolved in zip(specs, run.eval_rewards, strict=True)
-    ]
+    if run.config.eval and run.config.eval.rewards:
+        return _named_rewards(run.config.eval.rewards, run.eval_rewards, context)
+    return build_rewards(run, context)
 
 
 @dataclass(frozen=True)
