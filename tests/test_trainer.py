@@ -62,6 +62,22 @@ def test_group_shares_initial_noise_and_samples_differ(tiny_run):
     assert traj.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+def test_independent_noise_gives_each_sample_its_own_start(tiny_run):
+    from dancecore.contracts.records import PromptBatch
+
+    shared = Trainer(tiny_run("shared"))
+    own = Trainer(tiny_run("own", optimizer={"shared_noise": False}))
+    prompts = own.local_prompts(0)
+    cond = own.policy.encode_prompts(PromptBatch(tuple(prompts)))
+    schedule = own.sampler.schedule()
+    steps = torch.ones(schedule.num_steps, dtype=torch.bool)
+    start = own.rollout(0, cond, schedule, steps).latents[:, 0]
+    assert len({tuple(row.flatten().tolist()) for row in start}) == start.shape[0], "every sample its own noise"
+    again = own.rollout(0, cond, schedule, steps).latents[:, 0]
+    assert torch.equal(start, again), "independent noise is still seeded by (seed, draw, sample)"
+    assert not torch.equal(start, shared.rollout(0, cond, schedule, steps).latents[:, 0])
+
+
 def test_same_seed_same_metrics_and_weights(tiny_run):
     a = Trainer(tiny_run("a"))
     a.train()

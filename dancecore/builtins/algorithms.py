@@ -148,7 +148,10 @@ class GRPO:
     class Config(ComponentConfig):
         """Options of the ``grpo`` algorithm."""
 
-        group_size: int = Field(12, ge=2, description="Samples per prompt (G), sharing one initial noise.")
+        group_size: int = Field(12, ge=2, description="Samples per prompt (G).")
+        shared_noise: bool = Field(
+            True, description="The G samples of a prompt share one initial noise (DanceGRPO); false: each its own."
+        )
         clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon.")
         advantage_clip: float = Field(5.0, gt=0, description="Advantages are clamped to +/- this value.")
         timestep_fraction: float = Field(0.6, gt=0, le=1, description="Fraction tau of trainable steps trained.")
@@ -168,6 +171,7 @@ class GRPO:
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
         self.group_size = config.group_size
+        self.shared_noise = config.shared_noise
         self.needs_reference = config.kl_beta > 0
         self.reference_dtype = config.reference_dtype
         self.reference_device = config.reference_device

@@ -80,17 +80,22 @@ def grouped_rollout(
     cond: Any,
     schedule: Schedule,
     stochastic: torch.Tensor,
+    shared_noise: bool = True,
 ) -> Trajectory:
-    """Sample a group of ``group_size`` trajectories per prompt; each group shares its initial noise.
+    """Sample a group of ``group_size`` trajectories per prompt; each group shares its initial noise
+    (``shared_noise``, DanceGRPO) or each sample draws its own.
 
     ``prompt_ids`` are the global positions (within the iteration) of this rank's prompts; they and
     ``draw`` key the initial noise and every sample's SDE noise, so ranks and resumes agree.
     """
     g = group_size
-    shared = [policy.initial_noise(1, generator(seed, "init", draw, pid)) for pid in prompt_ids]
-    initial = torch.cat([x.expand(g, *x.shape[1:]) for x in shared])
-    n = initial.shape[0]
     sample_ids = torch.tensor([pid * g + j for pid in prompt_ids for j in range(g)])
+    if shared_noise:
+        shared = [policy.initial_noise(1, generator(seed, "init", draw, pid)) for pid in prompt_ids]
+        initial = torch.cat([x.expand(g, *x.shape[1:]) for x in shared])
+    else:
+        initial = torch.cat([policy.initial_noise(1, generator(seed, "init-sample", draw, int(s))) for s in sample_ids])
+    n = initial.shape[0]
     prompt_rows = torch.arange(len(prompt_ids)).repeat_interleave(g)
     steps = schedule.num_steps
     latents = torch.empty((n, steps + 1, *initial.shape[1:]), dtype=initial.dtype)

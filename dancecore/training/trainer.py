@@ -202,6 +202,7 @@ class Trainer:
             cond=cond,
             schedule=schedule,
             stochastic=stochastic,
+            shared_noise=bool(getattr(self.algorithm, "shared_noise", True)),
         )
 
     def reference_policy(self) -> ReferencePolicy:

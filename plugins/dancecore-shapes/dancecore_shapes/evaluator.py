@@ -206,6 +206,38 @@ def conditions(spec: SceneSpec, detections: Sequence[Detection]) -> list[float]:
     return result
 
 
+SOFT_SCALE = 0.05  # width of the soft shape decision around ODD_TRIANGLE / SQUARENESS
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+def shape_likeness(detection: Detection, shape: str) -> float:
+    """How clearly ``detection`` is a ``shape``, in (0, 1): the product of the logistic margins of
+    the moment tests that :func:`detect` applies (above 0.5 about when it is classified so)."""
+    triangle = _sigmoid((detection.asymmetry - ODD_TRIANGLE) / SOFT_SCALE)
+    if shape == "triangle":
+        return triangle
+    square = _sigmoid((detection.anisotropy - SQUARENESS) / SOFT_SCALE)
+    return (1.0 - triangle) * (square if shape == "square" else 1.0 - square)
+
+
+def soft_conditions(spec: SceneSpec, detections: Sequence[Detection]) -> list[float]:
+    """:func:`conditions` with each "shape present" graded by :func:`shape_likeness` (the clearest
+    candidate of the caption's colour where it names one, else of any colour): a dense reward that
+    also credits a blob becoming more clearly the asked-for shape. Colour, count and relation
+    conditions are as in :func:`conditions`."""
+    exact = conditions(spec, detections)
+    if spec.task == "counting":
+        return exact
+    soft = list(exact)
+    for i, obj in enumerate(spec.objects):
+        pool = [d for d in detections if spec.task not in ("colors", "color_attr") or d.color == obj.color]
+        soft[i] = max([exact[i], *(shape_likeness(d, obj.shape) for d in pool)])
+    return soft
+
+
 def verdict(spec: SceneSpec, detections: Sequence[Detection]) -> bool:
     """Whether the detections satisfy ``spec`` exactly as GenEval scores its task."""
     return all(c == 1.0 for c in conditions(spec, detections))
@@ -214,6 +246,12 @@ def verdict(spec: SceneSpec, detections: Sequence[Detection]) -> bool:
 def partial_credit(spec: SceneSpec, detections: Sequence[Detection]) -> float:
     """The mean of :func:`conditions`: 1.0 exactly when :func:`verdict` is True."""
     parts = conditions(spec, detections)
+    return float(sum(parts) / len(parts))
+
+
+def soft_partial_credit(spec: SceneSpec, detections: Sequence[Detection]) -> float:
+    """The mean of :func:`soft_conditions`: 1.0 when :func:`verdict` is True (up to the margins)."""
+    parts = soft_conditions(spec, detections)
     return float(sum(parts) / len(parts))
 
 

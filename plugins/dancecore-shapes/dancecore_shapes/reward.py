@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from dancecore import BuildContext, ComponentConfig, flatten_frames
-from dancecore_shapes.evaluator import detect, partial_credit, verdict
+from dancecore_shapes.evaluator import detect, partial_credit, soft_partial_credit, verdict
 from dancecore_shapes.geneval import task_table
 from dancecore_shapes.scenes import SceneSpec, SceneSpecError, parse_caption
 
@@ -37,6 +37,12 @@ class ShapesReward:
 
         partial_credit: bool = Field(
             False, description="Score the fraction of satisfied sub-conditions instead of 1/0."
+        )
+
+        soft_shapes: bool = Field(
+            False,
+            description="With partial_credit: grade each 'shape present' by how clearly a candidate is that "
+            "shape (a denser training signal; the verdict is unchanged).",
         )
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
@@ -60,6 +66,8 @@ class ShapesReward:
         specs = [self.spec(p) for p in flat.texts]  # every prompt checked before any work
         pixels = flat.frames.detach().float().cpu().permute(0, 2, 3, 1).numpy()
         judge = partial_credit if self.config.partial_credit else verdict
+        if self.config.partial_credit and self.config.soft_shapes:
+            judge = soft_partial_credit
         values = [float(judge(spec, detect(image))) for spec, image in zip(specs, pixels, strict=True)]
         return torch.tensor(values, dtype=torch.float32).view(-1, flat.per_sample).mean(dim=1)
 

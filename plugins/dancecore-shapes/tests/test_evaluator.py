@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import add_noise, gaussian_blur, jpeg
-from dancecore_shapes.evaluator import Detection, detect, partial_credit, relations, to_hwc, verdict
+from dancecore_shapes.evaluator import (
+    Detection,
+    detect,
+    partial_credit,
+    relations,
+    shape_likeness,
+    soft_conditions,
+    soft_partial_credit,
+    to_hwc,
+    verdict,
+)
 from dancecore_shapes.scenes import COLORS, RELATIONS, SHAPES, TASKS, Obj, SceneSpec, all_specs, render
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -125,6 +135,35 @@ def test_partial_credit_values() -> None:
     pos = SceneSpec("position", (Obj("circle"), Obj("square")), relation="left of")
     swapped = SceneSpec("position", (Obj("circle"), Obj("square")), relation="right of")
     assert partial_credit(pos, detect(render(swapped, 32))) == pytest.approx(2 / 3)
+
+
+def test_soft_credit_is_exact_on_ground_truth_and_grades_blobs() -> None:
+    for task in TASKS:
+        for i, spec in enumerate(_subset(task, 6)):
+            detections = detect(render(spec, 32, seed=i))
+            assert soft_partial_credit(spec, detections) == pytest.approx(1.0, abs=0.02), spec
+            exact, soft = conditions_pair(spec, detections)
+            assert all(s >= e for s, e in zip(soft, exact, strict=True))
+    # a square whose corners are cut off (an octagon) is less clearly a square than a square,
+    # and more clearly one than a circle: the soft credit orders them; the verdict cannot
+    square = detect(render(SceneSpec("colors", (Obj("square", "red"),)), 32, seed=1))[0]
+    circle = detect(render(SceneSpec("colors", (Obj("circle", "red"),)), 32, seed=1))[0]
+    octagon = Detection("circle", "red", square.box, square.centroid, square.area, square.asymmetry, SQUARENESS_MID)
+    assert shape_likeness(square, "square") > shape_likeness(octagon, "square") > shape_likeness(circle, "square")
+    assert shape_likeness(circle, "circle") > 0.9 > 0.1 > shape_likeness(circle, "triangle")
+    wrong_colour = SceneSpec("colors", (Obj("square", "blue"),))
+    assert soft_conditions(wrong_colour, [square]) == [1.0, 0.0], "present, wrong colour: as the exact test"
+    assert soft_conditions(wrong_colour, [circle]) == [0.0, 0.0], "no blue candidate: no soft credit either"
+    assert 0.0 < soft_conditions(SceneSpec("colors", (Obj("square", "red"),)), [octagon])[0] < 1.0
+
+
+SQUARENESS_MID = 0.25  # just below the square threshold (0.28)
+
+
+def conditions_pair(spec: SceneSpec, detections: list[Detection]) -> tuple[list[float], list[float]]:
+    from dancecore_shapes.evaluator import conditions
+
+    return conditions(spec, detections), soft_conditions(spec, detections)
 
 
 def test_counting_ignores_other_shapes_and_blank_is_empty() -> None:

@@ -65,9 +65,9 @@ def test_conforms_to_the_reward_contract_on_shapes_captions(partial: bool) -> No
     check_reward_plugin("shapes", {"partial_credit": partial}, prompts=captions)
 
 
-@pytest.mark.parametrize("partial", [False, True])
-def test_contract(partial: bool) -> None:
-    reward = ShapesReward(ShapesReward.Config(partial_credit=partial), BuildContext())
+@pytest.mark.parametrize("partial, soft", [(False, False), (True, False), (True, True)])
+def test_contract(partial: bool, soft: bool) -> None:
+    reward = ShapesReward(ShapesReward.Config(partial_credit=partial, soft_shapes=soft), BuildContext())
     images = _batch(CAPTIONS)
     before = images.clone()
     scores = reward.score(images, CAPTIONS)
@@ -80,6 +80,9 @@ def test_contract(partial: bool) -> None:
     assert bool(((off >= 0) & (off < 1)).all()), off
     if not partial:
         assert set(off.tolist()) == {0.0}
+    if soft:  # the soft grades only add credit to the partial conditions
+        exact = ShapesReward(ShapesReward.Config(partial_credit=True), BuildContext()).score(images, WRONG)
+        assert bool((off >= exact).all()), (off, exact)
     random = reward.score(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), CAPTIONS[:3])
     assert bool(torch.isfinite(random).all())
 
