@@ -72,6 +72,10 @@ def test_overrides_dotted_and_indexed():
         apply_overrides(data, ["rewards[3].weight=1"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         apply_overrides(data, ["iterations"])
+    apply_overrides(data, ["rewards.0.weight=0.25"])  # a number after a list is an index too
+    assert data["rewards"][0]["weight"] == 0.25
+    with pytest.raises(ConfigError, match=r"'rewards.x.weight': no such place .*rewards\[0\]"):
+        apply_overrides(data, ["rewards.x.weight=1"])
 
 
 def test_output_dir_may_not_escape(tmp_path):

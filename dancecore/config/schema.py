@@ -314,6 +314,13 @@ def _split_path(dotted: str) -> list[str | int]:
     return parts
 
 
+def _list_index(node: Any, part: str | int) -> str | int:
+    """``rewards.0.weight`` means ``rewards[0].weight``: a number after a list is its index."""
+    if isinstance(node, list) and isinstance(part, str) and part.isdigit():
+        return int(part)
+    return part
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` / ``rewards[0].weight=0.5`` overrides (values parsed as YAML)."""
     errors: list[str] = []
@@ -327,13 +334,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node: Any = data
         try:
             for part in parts[:-1]:
-                if isinstance(part, int):
-                    node = node[part]
-                else:
-                    node = node.setdefault(part, {})
-            node[parts[-1]] = value
-        except (IndexError, KeyError, TypeError):
-            errors.append(f"override {key!r}: no such place in the config")
+                part = _list_index(node, part)
+                node = node[part] if isinstance(part, int) else node.setdefault(part, {})
+            node[_list_index(node, parts[-1])] = value
+        except (IndexError, KeyError, TypeError, AttributeError):
+            errors.append(f"override {key!r}: no such place in the config (list items are written rewards[0].weight)")
     if errors:
         raise ConfigError(errors)
     return data
