@@ -30,6 +30,7 @@ def gradients(config: Path, overrides: list[str], batches: int, output_dir: Path
     trainer = Trainer(run)
     torch.set_num_threads(run.config.train.num_threads or 1)
     params = list(trainer.engine.params.values())  # type: ignore[attr-defined]
+    start = [p.detach().clone() for p in params]
     taken: list[torch.Tensor] = []
 
     def record() -> float:
@@ -41,6 +42,8 @@ def gradients(config: Path, overrides: list[str], batches: int, output_dir: Path
     trainer.engine.step = record  # type: ignore[method-assign]
     for i in range(batches):
         trainer.iteration(i)
+    if not all(torch.equal(a, p.detach()) for a, p in zip(start, params, strict=True)):
+        raise RuntimeError("the weights changed: the gradients were not all taken at the initial weights")
     return taken
 
 
