@@ -140,6 +140,7 @@ class TrainingServices(Protocol):
     world_size: int
     device: torch.device
     samples_per_update: int | None
+    micro_batch_size: int  # samples per network call (``train.micro_batch_size``)
 
     def replay(self, rollout: Rollout, samples: torch.Tensor, steps: torch.Tensor) -> Iterator[Transitions]:
         """Recompute transitions ``(samples[j], steps[j])`` of the trajectory with gradient, micro-batch by micro-batch."""

@@ -51,6 +51,7 @@ class CoreServices:
         self.world_size = world_size
         self.device = calls.device
         self.samples_per_update = samples_per_update
+        self.micro_batch_size = calls.micro_batch_size
         self.max_nonfinite_updates = max_nonfinite_updates
         self._timed = timed
         self._reference = reference

@@ -1,0 +1,111 @@
+"""DiffusionNFT (Zheng et al., 2025): reinforcement on the forward process, by flow matching.
+
+No log-probabilities: each sample's clean latent ``x0`` (the rollout's final ``x0_hat``, from any
+sampler) is noised again, ``x_t = (1 - t) x0 + t eps``, and the velocity ``v_theta(x_t, t)`` is
+regressed onto the flow-matching target ``eps - x0`` through two implicit policies built from the
+sampling ("old") policy's velocity ``v_old``:
+
+    v+ = (1 - beta) v_old + beta v_theta,     v- = (1 + beta) v_old - beta v_theta,
+    loss = r ||v+ - (eps - x0)||^2 + (1 - r) ||v- - (eps - x0)||^2,
+
+with ``r = 0.5 + 0.5 clip(A / advantage_scale, -1, 1)`` in [0, 1] from the group-relative advantage
+A: good samples pull the velocity towards their flow, bad ones push it away, and the quadratic
+terms keep ``v_theta`` within about ``1 / beta`` of ``v_old``. ``v_old`` is the policy as it
+sampled (computed once, without gradient, before this iteration's first update).
+
+For rectified-flow policies whose prediction is the velocity ``noise - x0`` and whose timestep is
+the sigma itself (FLUX, HunyuanVideo, SkyReels, SD3, Wan, Qwen-Image here); the sampler is free
+(the rollout's log-probabilities are not used).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from dancecore.contracts.component import ComponentConfig
+from dancecore.contracts.protocols import BuildContext, TrainingServices
+from dancecore.contracts.records import Rollout
+from dancecore.functional.grpo import combined_advantages
+
+
+def optimality(advantages: torch.Tensor, scale: float) -> torch.Tensor:
+    """``r = 0.5 + 0.5 clip(A / scale, -1, 1)``: the probability that a sample is a positive one."""
+    return 0.5 + 0.5 * (advantages / scale).clamp(-1.0, 1.0)
+
+
+def nft_loss(
+    v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-sample DiffusionNFT loss (mean over the latent's elements). Shapes: ``v_*``/``target``
+    ``(B, *latent)``, ``r`` ``(B,)``."""
+    positive = (1 - beta) * v_old + beta * v_theta
+    negative = (1 + beta) * v_old - beta * v_theta
+    dims = tuple(range(1, v_theta.dim()))
+    pos = (positive - target).square().mean(dim=dims)
+    neg = (negative - target).square().mean(dim=dims)
+    return r * pos + (1 - r) * neg
+
+
+class DiffusionNFT:
+    """DiffusionNFT's negative-aware flow-matching objective on the rollout's clean samples."""
+
+    class Config(ComponentConfig):
+        """Options of the ``diffusion-nft`` algorithm."""
+
+        group_size: int = Field(12, ge=2, description="Samples per prompt (G).")
+        shared_noise: bool = Field(
+            False, description="The G samples of a prompt share one initial noise (false: each its own)."
+        )
+        beta: float = Field(1.0, gt=0, description="Strength of the implicit policies v+ / v- (DiffusionNFT's beta).")
+        advantage_scale: float = Field(
+            1.0, gt=0, description="r = 0.5 + 0.5 clip(A / advantage_scale, -1, 1) from the group-normalised advantage."
+        )
+        timesteps_per_sample: int = Field(4, ge=1, description="Noise levels t drawn per sample per iteration.")
+        t_min: float = Field(0.0, ge=0, lt=1, description="t is drawn uniformly from [t_min, t_max].")
+        t_max: float = Field(1.0, gt=0, le=1)
+
+    def __init__(self, config: Config, context: BuildContext | None = None) -> None:
+        self.config = config
+        self.group_size = config.group_size
+        self.shared_noise = config.shared_noise
+
+    def train(self, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
+        """One pass over (kept sample, t) pairs; an optimizer update every ``samples_per_update`` samples."""
+        cfg = self.config
+        keep = rollout.keep
+        adv = combined_advantages(rollout.scores.values, rollout.scores.weights, rollout.kept_group_ids)
+        r_all = torch.zeros(rollout.trajectory.num_samples)
+        r_all[keep] = optimality(adv, cfg.advantage_scale)
+        k = cfg.timesteps_per_sample
+        samples = keep.repeat_interleave(k)
+        gen = services.generator("nft")
+        t = cfg.t_min + (cfg.t_max - cfg.t_min) * torch.rand(samples.numel(), generator=gen)
+        x0 = rollout.trajectory.final[samples]
+        eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        x_t = (1 - t.view(shape)) * x0 + t.view(shape) * eps
+        target = eps - x0
+        micro = services.micro_batch_size
+        chunks = [slice(i, min(i + micro, samples.numel())) for i in range(0, samples.numel(), micro)]
+        with torch.no_grad():  # the sampling policy's velocities, before any update
+            v_old = torch.cat([services.predict(x_t[c], t[c], rollout, samples[c]).float().cpu() for c in chunks])
+        per_update = (services.samples_per_update or keep.numel()) * k
+        losses, norms, updates = [], [], 0
+        for start in range(0, samples.numel(), per_update):
+            stop = min(start + per_update, samples.numel())
+            for c in (slice(i, min(i + micro, stop)) for i in range(start, stop, micro)):
+                v = services.predict(x_t[c], t[c].to(services.device), rollout, samples[c]).float()
+                dev = v.device
+                loss = nft_loss(v, v_old[c].to(dev), target[c].to(dev), r_all[samples[c]].to(dev), cfg.beta)
+                services.backward(loss.sum() / (stop - start))
+                losses.append(float(loss.detach().sum()))
+            norms.append(services.optimizer_step())
+            updates += 1
+        return {
+            "loss": sum(losses) / samples.numel(),
+            "grad_norm": max(norms),
+            "updates": float(updates),
+            "r_mean": float(r_all[keep].mean()),
+            "clip_fraction": 0.0,
+        }
