@@ -18,16 +18,20 @@ from dancecore.training.prompts import load_prompts, read_prompt_file
 from dancecore.training.scoring import build_eval_rewards
 from dancecore.training.trainer import check_writable, pick_device
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "evaluate", "resolve_checkpoint"]
 
 
-def _resolve_checkpoint(run: ResolvedRun, checkpoint: str | None) -> Path | None:
+def resolve_checkpoint(run: ResolvedRun, checkpoint: str | None) -> Path | None:
+    """The checkpoint directory ``checkpoint`` names: None for ``base``/``none``/None (the base
+    weights), the newest valid checkpoint of the run's ``output_dir`` for ``latest``, else the path."""
     if checkpoint in (None, "none", "base"):
         return None
     if checkpoint == "latest":
-        path, skipped = find_latest(run.config.output_dir)
+        out = run.config.output_dir
+        path, passed_over = find_latest(out)
         if path is None:
-            raise CheckpointError(f"no valid checkpoint under {run.config.output_dir / 'checkpoints'}: {skipped}")
+            why = "; ".join(passed_over) if passed_over else f"{out / 'checkpoints'} holds none"
+            raise CheckpointError(f"no checkpoint in {out} ({why}): train first, or give --checkpoint PATH (or base)")
         return path
     return Path(checkpoint)
 
@@ -55,7 +59,7 @@ def evaluate(
     policy = run.policy.cls(run.policy.config, context)
     sampler = run.sampler.cls(run.sampler.config, context)
     rewards = build_eval_rewards(run, context)
-    ckpt_path = _resolve_checkpoint(run, checkpoint)
+    ckpt_path = resolve_checkpoint(run, checkpoint)
     if ema and ckpt_path is None:
         raise CheckpointError("--ema needs a checkpoint (--checkpoint latest or a path): the base weights have no EMA")
     if ckpt_path is not None:
