@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "StatefulAlgorithm": "dancecore.contracts.protocols",
     "TrainingServices": "dancecore.contracts.protocols",
     "WindowedSampler": "dancecore.contracts.protocols",
+    "ExportablePolicy": "dancecore.contracts.protocols",
     "SummarizingReward": "dancecore.contracts.protocols",
     "Optimizer": "dancecore.contracts.protocols",
     "BuildContext": "dancecore.contracts.protocols",
@@ -38,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "RewardScores": "dancecore.contracts.records",
     "LossOutput": "dancecore.contracts.records",
     "select_rows": "dancecore.contracts.records",
+    "DiffusersExport": "dancecore.contracts.records",
     # component configuration
     "ComponentConfig": "dancecore.contracts.component",
     "NetworkOptions": "dancecore.plugin_kit.network",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     from dancecore.contracts.protocols import (
         Algorithm,
         BuildContext,
+        ExportablePolicy,
         Optimizer,
         Policy,
         Reward,
@@ -113,6 +116,7 @@ if TYPE_CHECKING:  # static checkers see the real names
         WindowedSampler,
     )
     from dancecore.contracts.records import (
+        DiffusersExport,
         LossOutput,
         Prompt,
         PromptBatch,

@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", default=None, help="where to write it (default: OUTPUT_DIR/report.html)")
     report.set_defaults(func=cmd_report)
 
+    from dancecore.export.command import add_export_command
+
+    add_export_command(sub)
+
     from dancecore.hooks import plugin_manager
 
     plugin_manager().hook.dancecore_add_commands(subparsers=sub)
