@@ -46,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "LoraOptions": "dancecore.plugin_kit.network",
     "DTYPES": "dancecore.plugin_kit.network",
     "prepare_trainable": "dancecore.plugin_kit.network",
+    # export to diffusers
+    "flow_match_scheduler": "dancecore.plugin_kit.export",
     # weights and tiny presets
     "resolve_pretrained": "dancecore.plugin_kit.weights",
     "plugin_weights": "dancecore.plugin_kit.weights",
@@ -143,6 +145,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     )
     from dancecore.functional.seeding import derive_seed, generator
     from dancecore.hooks import hookimpl
+    from dancecore.plugin_kit.export import flow_match_scheduler
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
     from dancecore.plugin_kit.weights import (

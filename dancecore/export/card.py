@@ -58,9 +58,11 @@ def _usage(facts: CardFacts, directory: str) -> str:
         load = f'pipe = {facts.pipeline_class}.from_pretrained("<base model>")\npipe.load_lora_weights("{directory}")'
     else:
         load = f'pipe = {facts.pipeline_class}.from_pretrained("{directory}")'
+    result = (
+        'video = pipe("a prompt", {}).frames[0]' if "video" in facts.task else 'image = pipe("a prompt", {}).images[0]'
+    )
     return (
-        f"```python\nfrom diffusers import {facts.pipeline_class}\n\n{load}\n"
-        f'image = pipe("a prompt", {arguments}).images[0]\n```\n'
+        f"```python\nfrom diffusers import {facts.pipeline_class}\n\n{load}\n" + result.format(arguments) + "\n```\n"
         "These arguments take `dancecore eval`'s deterministic steps; with the same initial noise "
         "(`latents=`) they give its pixels."
     )

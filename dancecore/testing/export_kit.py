@@ -72,7 +72,8 @@ def _eval_pixels(run: Any, checkpoint: str, prompts: list[Prompt]) -> tuple[torc
 
 
 def _pipeline_pixels(pipeline: Any, prompts: list[Prompt], noise: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
-    images = pipeline(prompt=[p.text for p in prompts], latents=noise.clone(), output_type="pt", **call).images
+    texts = [p.text for p in prompts]
+    images = pipeline(prompt=texts, latents=noise.clone(), output_type="pt", return_dict=False, **call)[0]
     return images.float().cpu()
 
 

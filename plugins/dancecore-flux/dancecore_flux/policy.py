@@ -22,6 +22,7 @@ from dancecore import (
     DiffusersExport,
     NetworkOptions,
     PromptBatch,
+    flow_match_scheduler,
     materialise,
     prepare_trainable,
     resolve_pretrained,
@@ -159,18 +160,9 @@ class FluxPolicy:
         """A ``FluxPipeline`` of this policy's modules with a flow-matching Euler scheduler at the
         sampler's fixed shift: the deterministic steps of ``dancecore eval`` (Euler is the ODE
         step of the flow samplers, and its last step lands on the last ``x0_hat``)."""
-        import numpy as np
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from diffusers import FluxPipeline
 
-        schedule = sampler.schedule()
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=float(sampler.config.shift), use_dynamic_shifting=False)
-        n = schedule.num_steps
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))  # what FluxPipeline asks for
-        if not torch.allclose(scheduler.sigmas.float(), schedule.sigmas.float().cpu(), atol=1e-6):
-            raise ValueError(
-                f"the sampler's sigmas {schedule.sigmas.tolist()} are not FlowMatchEulerDiscreteScheduler's "
-                f"{scheduler.sigmas.tolist()}: this sampler cannot be exported to FluxPipeline"
-            )
+        scheduler = flow_match_scheduler(sampler, "FluxPipeline")
         pipeline = FluxPipeline(
             scheduler=scheduler,
             vae=self.vae,
@@ -181,7 +173,7 @@ class FluxPolicy:
             transformer=self.module,
         )
         call = {
-            "num_inference_steps": n,
+            "num_inference_steps": sampler.schedule().num_steps,
             "guidance_scale": self.config.guidance,
             "height": self.resolution,
             "width": self.resolution,
