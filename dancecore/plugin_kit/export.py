@@ -22,7 +22,7 @@ def flow_match_scheduler(sampler: Any, pipeline: str) -> Any:
 
     schedule = sampler.schedule()
     n = schedule.num_steps
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(sampler.config.shift), use_dynamic_shifting=False)
+    scheduler: Any = FlowMatchEulerDiscreteScheduler(shift=float(sampler.config.shift), use_dynamic_shifting=False)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))
     if not torch.allclose(scheduler.sigmas.float(), schedule.sigmas.float().cpu(), atol=1e-6):
         raise ValueError(
