@@ -41,11 +41,13 @@ class ExportCheck:
     adapter_vs_merged: float | None
 
 
-def _run_data(policy: dict[str, Any], sampler: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+def _run_data(
+    policy: dict[str, Any], sampler: dict[str, Any], output_dir: Path, prompts: Path | None
+) -> dict[str, Any]:
     return {
         "seed": 0,
         "output_dir": str(output_dir),
-        "prompts": {"texts": list(DEFAULT_PROMPTS[:2])},
+        "prompts": {"texts": list(DEFAULT_PROMPTS[:2])} if prompts is None else {"path": str(prompts)},
         "policy": policy,
         "sampler": sampler,
         "optimizer": {"name": "grpo", "group_size": 2, "clip_range": 1.0, "timestep_fraction": 1.0},
@@ -72,9 +74,17 @@ def _eval_pixels(run: Any, checkpoint: str, prompts: list[Prompt]) -> tuple[torc
 
 
 def _pipeline_pixels(pipeline: Any, prompts: list[Prompt], noise: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
-    texts = [p.text for p in prompts]
-    images = pipeline(prompt=texts, latents=noise.clone(), output_type="pt", return_dict=False, **call)[0]
-    return images.float().cpu()
+    """One pipeline call per prompt (an image-to-video prompt passes its first frame as ``image``)."""
+    from PIL import Image
+
+    out = []
+    for prompt, latents in zip(prompts, noise, strict=True):
+        image = {"image": Image.open(prompt.image).convert("RGB")} if prompt.image else {}
+        result = pipeline(
+            prompt=prompt.text, latents=latents[None].clone(), output_type="pt", return_dict=False, **image, **call
+        )
+        out.append(result[0].float().cpu())
+    return torch.cat(out)
 
 
 def _load(directory: Path) -> Any:
@@ -87,25 +97,33 @@ def _load(directory: Path) -> Any:
 
 
 def check_diffusers_export(
-    policy: dict[str, Any], sampler: dict[str, Any], tmp_path: Path, *, tolerance: float = PIXEL_TOLERANCE
+    policy: dict[str, Any],
+    sampler: dict[str, Any],
+    tmp_path: Path,
+    *,
+    prompts: Path | None = None,
+    tolerance: float = PIXEL_TOLERANCE,
 ) -> ExportCheck:
     """Train one iteration, export, and check the export against ``dancecore eval`` (module
-    docstring); raises ``AssertionError`` naming what differs. Returns the measured differences."""
+    docstring); raises ``AssertionError`` naming what differs. Returns the measured differences.
+
+    ``prompts``: a prompt file (its first two prompts are compared; JSON lines with ``image`` for
+    image-to-video policies, each image already at the video's size); default: two captions."""
     from dancecore.config.schema import validate
     from dancecore.export import export_run
     from dancecore.training.trainer import Trainer
 
     torch.set_num_threads(1)
-    run = validate(_run_data(policy, sampler, tmp_path / "run"))
+    run = validate(_run_data(policy, sampler, tmp_path / "run", prompts))
     Trainer(run).train()
     lora = policy.get("lora") is not None
     export_run(run, "latest", tmp_path / "export", lora="merge" if lora else "default")
     exported = _load(tmp_path / "export")
     call = _call_arguments(tmp_path / "export")
-    prompts = [Prompt(text, i) for i, text in enumerate(DEFAULT_PROMPTS[:2])]
-    noise, trained = _eval_pixels(run, "latest", prompts)
-    _, base = _eval_pixels(run, "base", prompts)
-    export_vs_eval = float((_pipeline_pixels(exported, prompts, noise, call) - trained).abs().max())
+    compared = _compared_prompts(prompts)
+    noise, trained = _eval_pixels(run, "latest", compared)
+    _, base = _eval_pixels(run, "base", compared)
+    export_vs_eval = float((_pipeline_pixels(exported, compared, noise, call) - trained).abs().max())
     assert export_vs_eval <= tolerance, f"the export's pixels differ from dancecore eval's by {export_vs_eval:.2e}"
     base_vs_trained = float((trained - base).abs().max())
     assert base_vs_trained > 10 * tolerance, f"training changed the samples by only {base_vs_trained:.2e}"
@@ -116,12 +134,20 @@ def check_diffusers_export(
         export_run(run, "base", tmp_path / "base", lora="merge")  # the base weights as a diffusers pipeline
         pipeline = _load(tmp_path / "base")
         pipeline.load_lora_weights(str(tmp_path / "adapter"))
-        adapter = _pipeline_pixels(pipeline, prompts, noise, call)
+        adapter = _pipeline_pixels(pipeline, compared, noise, call)
         adapter_vs_merged = float((adapter - trained).abs().max())
         assert adapter_vs_merged <= tolerance, (
             f"base + load_lora_weights differs from the merged export by {adapter_vs_merged:.2e}"
         )
     return ExportCheck(export_vs_eval, base_vs_trained, adapter_vs_merged)
+
+
+def _compared_prompts(prompts: Path | None) -> list[Prompt]:
+    if prompts is None:
+        return [Prompt(text, i) for i, text in enumerate(DEFAULT_PROMPTS[:2])]
+    from dancecore.training.prompts import read_prompt_file
+
+    return read_prompt_file(prompts)[:2]
 
 
 def _call_arguments(directory: Path) -> dict[str, Any]:

@@ -16,4 +16,4 @@ SAMPLER = {"name": "ddim-sde", "num_steps": 3}
 )
 def test_export_loads_in_stable_diffusion_pipeline_and_reproduces_eval(policy, tmp_path):
     check = check_diffusers_export(policy, SAMPLER, tmp_path)
-    print(check)
+    assert (check.adapter_vs_merged is not None) == ("lora" in policy)
