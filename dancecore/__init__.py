@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "StatefulAlgorithm": "dancecore.contracts.protocols",
     "TrainingServices": "dancecore.contracts.protocols",
     "WindowedSampler": "dancecore.contracts.protocols",
+    "ExportablePolicy": "dancecore.contracts.protocols",
     "SummarizingReward": "dancecore.contracts.protocols",
     "Optimizer": "dancecore.contracts.protocols",
     "BuildContext": "dancecore.contracts.protocols",
@@ -38,12 +39,15 @@ _EXPORTS: dict[str, str] = {
     "RewardScores": "dancecore.contracts.records",
     "LossOutput": "dancecore.contracts.records",
     "select_rows": "dancecore.contracts.records",
+    "DiffusersExport": "dancecore.contracts.records",
     # component configuration
     "ComponentConfig": "dancecore.contracts.component",
     "NetworkOptions": "dancecore.plugin_kit.network",
     "LoraOptions": "dancecore.plugin_kit.network",
     "DTYPES": "dancecore.plugin_kit.network",
     "prepare_trainable": "dancecore.plugin_kit.network",
+    # export to diffusers
+    "flow_match_scheduler": "dancecore.plugin_kit.export",
     # weights and tiny presets
     "resolve_pretrained": "dancecore.plugin_kit.weights",
     "plugin_weights": "dancecore.plugin_kit.weights",
@@ -103,6 +107,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     from dancecore.contracts.protocols import (
         Algorithm,
         BuildContext,
+        ExportablePolicy,
         Optimizer,
         Policy,
         Reward,
@@ -113,6 +118,7 @@ if TYPE_CHECKING:  # static checkers see the real names
         WindowedSampler,
     )
     from dancecore.contracts.records import (
+        DiffusersExport,
         LossOutput,
         Prompt,
         PromptBatch,
@@ -139,6 +145,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     )
     from dancecore.functional.seeding import derive_seed, generator
     from dancecore.hooks import hookimpl
+    from dancecore.plugin_kit.export import flow_match_scheduler
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
     from dancecore.plugin_kit.weights import (

@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", default=None, help="where to write it (default: OUTPUT_DIR/report.html)")
     report.set_defaults(func=cmd_report)
 
+    from dancecore.export.command import add_export_command
+
+    add_export_command(sub)
+
     from dancecore.hooks import plugin_manager
 
     plugin_manager().hook.dancecore_add_commands(subparsers=sub)
@@ -266,12 +270,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may also follow the options
+    (``dancecore train CONFIG --resume train.iterations=200``), as users type them."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    late = [a for a in extra if takes_overrides and "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def _main(argv: list[str]) -> int:
     """Parse and run one command; bad input and failures become an exit code and clear lines."""
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parse_arguments(parser, argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

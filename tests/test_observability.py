@@ -94,6 +94,20 @@ def _hide_module(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setitem(sys.modules, name, None)
 
 
+def test_the_default_install_has_tensorboard_so_the_quickstart_logs_without_a_note(tmp_path: Path) -> None:
+    import tomllib
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].split(" ")[0] == "tensorboard" for d in dependencies)
+    messages: list[str] = []
+    observers = open_observers(_config(tmp_path).config, tmp_path / "run", log=messages.append)
+    try:
+        assert messages == []
+        assert [type(w).__name__ for w in observers.writers] == ["TensorBoardWriter"]
+    finally:
+        observers.close()
+
+
 def test_missing_tensorboard_by_default_is_a_note_not_a_failure(tmp_path: Path, monkeypatch) -> None:
     _hide_module(monkeypatch, "torch.utils.tensorboard")
     messages: list[str] = []

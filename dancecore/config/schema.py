@@ -52,7 +52,11 @@ class RewardSpec(ComponentSpec):
 class PromptsConfig(StrictModel):
     """Where prompts come from: a file (plain text, one per line, or JSON lines) or an inline list."""
 
-    path: Path | None = Field(None, description="Prompt file: .txt (one per line) or .jsonl ({prompt, image}).")
+    path: Path | None = Field(
+        None,
+        description="Prompt file: .txt (one per line) or .jsonl ({prompt, image}); a relative path is looked up "
+        "beside the config file first, then in the working directory.",
+    )
     texts: list[str] | None = Field(None, description="Inline prompts, instead of a file.")
     shuffle: bool = Field(True, description="Shuffle the prompts every epoch (seeded).")
 
@@ -78,7 +82,10 @@ class EvalConfig(StrictModel):
     """Held-out evaluation during training: deterministic (ODE) samples of fixed prompts and seeds,
     scored by their own rewards (the "gold" metrics; the training rewards by default)."""
 
-    prompts: Path = Field(description="Held-out prompt file (.txt or .jsonl), disjoint from the training prompts.")
+    prompts: Path = Field(
+        description="Held-out prompt file (.txt or .jsonl), disjoint from the training prompts; looked up like "
+        "prompts.path."
+    )
     every: int = Field(
         0, ge=0, description="Evaluate every this many iterations (0: only before training and at the end)."
     )
@@ -125,7 +132,9 @@ class TrainConfig(StrictModel):
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm (0.01 was needed for FLUX on 8 GPUs).")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16 autocast for network calls.")
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu' or 'cuda[:N]'.")
+    device: str = Field(
+        "auto", description="'auto' (cuda if available), 'cpu' or 'cuda[:N]' (checked against this machine's GPUs)."
+    )
     checkpoint_every: int = Field(50, ge=1, description="Save a checkpoint every this many iterations.")
     keep_checkpoints: int = Field(3, ge=1, description="How many checkpoints to keep (oldest rotated out).")
     sample_every: int = Field(0, ge=0, description="Save a sample grid every K iterations (0: first/last only).")
@@ -413,19 +422,13 @@ def _resolve_component(kind: str, spec: ComponentSpec, path: str, errors: list[s
     return ResolvedComponent(kind=kind, name=spec.name, cls=cls, config=options)
 
 
-def _check_files(config: RunConfig, base: Path | None, errors: list[str]) -> None:
-    if config.prompts.path is not None:
-        path = config.prompts.path if base is None or config.prompts.path.is_absolute() else base / config.prompts.path
-        if not path.is_file():
-            errors.append(f"prompts.path: prompt file not found: {config.prompts.path}")
-    if config.eval is not None:
-        path = config.eval.prompts if base is None or config.eval.prompts.is_absolute() else base / config.eval.prompts
-        if not path.is_file():
-            errors.append(f"eval.prompts: prompt file not found: {config.eval.prompts}")
+def validate(data: dict[str, Any], source: str | None = None, base: Path | None = None) -> ResolvedRun:
+    """Validate a config dict in two phases; raise :class:`ConfigError` with every problem.
 
+    ``base`` is the config file's directory: relative prompt-file paths are looked up there first,
+    then in the working directory (:mod:`dancecore.config.checks`)."""
+    from dancecore.config.checks import check_device, resolve_input_files
 
-def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
-    """Validate a config dict in two phases; raise :class:`ConfigError` with every problem."""
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -438,7 +441,8 @@ def validate(data: dict[str, Any], source: str | None = None) -> ResolvedRun:
     rewards = [_resolve_component("reward", r, f"rewards[{i}]", errors) for i, r in enumerate(config.rewards)]
     eval_specs = config.eval.rewards if config.eval and config.eval.rewards else []
     eval_rewards = [_resolve_component("reward", r, f"eval.rewards[{i}]", errors) for i, r in enumerate(eval_specs)]
-    _check_files(config, None, errors)
+    config = resolve_input_files(config, base, errors)
+    check_device(config.train.device, errors)
     if policy and sampler:
         wanted = getattr(policy.cls, "prediction_type", None)
         given = getattr(sampler.cls, "prediction_type", None)
@@ -488,4 +492,4 @@ def load_run(path: Path, overrides: list[str] | None = None) -> ResolvedRun:
     """Load, override and validate a config file."""
     data = load_yaml_file(path)
     apply_overrides(data, overrides or [])
-    return validate(data, str(path))
+    return validate(data, str(path), base=path.parent)

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel
 
 from dancecore.contracts.records import (
+    DiffusersExport,
     LossOutput,
     PromptBatch,
     RewardScores,
@@ -75,6 +76,17 @@ class Policy(Protocol):
 
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
         """The parameters GRPO updates (all of ``module`` or only adapters)."""
+        ...
+
+
+@runtime_checkable
+class ExportablePolicy(Policy, Protocol):
+    """A policy that ``dancecore export`` can write as a diffusers pipeline (optional: a policy
+    without :meth:`diffusers_export` trains and evaluates as before; export names it)."""
+
+    def diffusers_export(self, sampler: Sampler) -> DiffusersExport:
+        """This policy, with its current weights, as a diffusers pipeline whose scheduler takes the
+        deterministic (ODE) steps of ``sampler``; see :class:`DiffusersExport`."""
         ...
 
 

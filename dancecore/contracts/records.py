@@ -194,3 +194,22 @@ def select_rows(cond: C, rows: torch.Tensor) -> C:
         if is_batched and isinstance(value, torch.Tensor):
             updates[field.name] = value.index_select(0, rows.to(value.device))
     return dataclasses.replace(cond, **updates)
+
+
+@dataclass(frozen=True)
+class DiffusersExport:
+    """A policy seen as a diffusers pipeline, for ``dancecore export`` (:class:`ExportablePolicy`).
+
+    ``pipeline`` is a diffusers ``DiffusionPipeline`` built from the policy's own modules (the
+    trained network is ``policy.module`` itself, not a copy) and a scheduler that takes the
+    deterministic steps of the run's sampler. ``trained`` names the pipeline component that is
+    ``policy.module`` (``"transformer"``, ``"unet"``). ``call`` holds the keyword arguments of
+    ``pipeline(prompt, **call)`` that reproduce ``dancecore eval``'s deterministic sampling (steps,
+    guidance, size); the initial noise is passed as ``latents``, in the layout of
+    ``policy.initial_noise``. ``task`` is the Hugging Face pipeline tag of the model card.
+    """
+
+    pipeline: Any
+    trained: str
+    call: dict[str, Any]
+    task: str = "text-to-image"

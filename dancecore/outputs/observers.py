@@ -1,8 +1,8 @@
 """Live views of a run besides ``metrics.jsonl``: TensorBoard (on by default) and Weights & Biases
 (opt-in). Both are written by rank 0 only.
 
-TensorBoard needs the ``tensorboard`` package (``pip install 'dancecore[tensorboard]'``). When it
-is missing and the config did not ask for it explicitly, the run says so in one line and goes on
+TensorBoard needs the ``tensorboard`` package, a dependency of dancecore itself. When it is
+missing anyway (an environment installed without dependencies) and the config did not ask for it explicitly, the run says so in one line and goes on
 without it; when ``logging.tensorboard: true`` is written in the config, the run stops before the
 first iteration with the same message. wandb is imported only when ``logging.wandb`` is true.
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -19,8 +19,10 @@ from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
     BuildContext,
+    DiffusersExport,
     NetworkOptions,
     PromptBatch,
+    flow_match_scheduler,
     materialise,
     prepare_trainable,
     resolve_pretrained,
@@ -151,6 +153,33 @@ class FluxPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every transformer weight, or only the LoRA weights."""
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------ export
+
+    def diffusers_export(self, sampler: Any) -> DiffusersExport:
+        """A ``FluxPipeline`` of this policy's modules with a flow-matching Euler scheduler at the
+        sampler's fixed shift: the deterministic steps of ``dancecore eval`` (Euler is the ODE
+        step of the flow samplers, and its last step lands on the last ``x0_hat``)."""
+        from diffusers import FluxPipeline
+
+        scheduler = flow_match_scheduler(sampler, "FluxPipeline")
+        pipeline = FluxPipeline(
+            scheduler=scheduler,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer_2=self.tokenizer_2,
+            transformer=self.module,
+        )
+        call = {
+            "num_inference_steps": sampler.schedule().num_steps,
+            "guidance_scale": self.config.guidance,
+            "height": self.resolution,
+            "width": self.resolution,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        return DiffusersExport(pipeline=pipeline, trained="transformer", call=call)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:

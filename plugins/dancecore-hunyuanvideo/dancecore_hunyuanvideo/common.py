@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -27,6 +27,7 @@ from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
     NetworkOptions,
+    flow_match_scheduler,
     materialise,
     prepare_trainable,
     resolve_pretrained,
@@ -315,6 +316,33 @@ class HunyuanVideoBackbone:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every transformer weight, or only the LoRA weights."""
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------- export
+
+    def pipeline_components(self, sampler: Any, pipeline: str) -> dict[str, Any]:
+        """The components of diffusers' HunyuanVideo pipelines: these modules and a flow-matching
+        Euler scheduler taking the sampler's deterministic steps."""
+        return {
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "transformer": self.module,
+            "vae": self.vae,
+            "scheduler": flow_match_scheduler(sampler, pipeline),
+            "text_encoder_2": self.text_encoder_2,
+            "tokenizer_2": self.tokenizer_2,
+        }
+
+    def pipeline_call(self, sampler: Any) -> dict[str, Any]:
+        """The pipeline arguments of this geometry, prompt template and step count."""
+        g = self.geometry
+        return {
+            "num_inference_steps": sampler.schedule().num_steps,
+            "height": g.height,
+            "width": g.width,
+            "num_frames": g.num_frames,
+            "max_sequence_length": self.max_sequence_length,
+            "prompt_template": {"template": self.template, "crop_start": self.crop_start},
+        }
 
 
 def load_backbone(

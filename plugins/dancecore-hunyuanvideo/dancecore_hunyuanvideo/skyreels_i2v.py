@@ -14,14 +14,14 @@ The first frame comes from the prompt dataset (``image`` in a JSON-lines prompt 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
-from dancecore import BuildContext, Prompt, PromptBatch, PromptFileError
+from dancecore import BuildContext, DiffusersExport, Prompt, PromptBatch, PromptFileError
 from dancecore_hunyuanvideo.common import TINY_DEFAULTS, HunyuanVideoOptions, load_backbone
 
 #: DanceGRPO's SkyReels setting: 400 x 640, 53 frames.
@@ -153,3 +153,21 @@ class SkyReelsI2VPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every transformer weight, or only the LoRA weights."""
         return self.backbone.trainable_parameters()
+
+    def diffusers_export(self, sampler: Any) -> DiffusersExport:
+        """A ``HunyuanSkyreelsImageToVideoPipeline`` of these modules taking ``dancecore eval``'s
+        deterministic steps, with the same true CFG against the negative prompt. One difference
+        stays: diffusers conditions on a sample of the VAE posterior of the first frame, dancecore
+        on its mode (deterministic); the pipeline's ``image`` must be the prompt's first frame at
+        the video's size (this policy centre-crops and resizes it, diffusers only resizes)."""
+        from diffusers import HunyuanSkyreelsImageToVideoPipeline
+
+        name = "HunyuanSkyreelsImageToVideoPipeline"
+        pipeline = HunyuanSkyreelsImageToVideoPipeline(**self.backbone.pipeline_components(sampler, name))
+        call = {
+            **self.backbone.pipeline_call(sampler),
+            "guidance_scale": self.config.embedded_guidance,
+            "true_cfg_scale": self.config.cfg_scale,
+            "negative_prompt": self.config.negative_prompt,
+        }
+        return DiffusersExport(pipeline=pipeline, trained="transformer", call=call, task="image-to-video")

@@ -10,12 +10,12 @@ with random-init networks of the same architecture and loads it through the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from dancecore import BuildContext, PromptBatch
+from dancecore import BuildContext, DiffusersExport, PromptBatch
 from dancecore_hunyuanvideo.common import TINY_DEFAULTS, HunyuanVideoOptions, load_backbone
 
 #: The paper's setting: 480p (480 x 848), 53 frames.
@@ -76,3 +76,12 @@ class HunyuanVideoPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every transformer weight, or only the LoRA weights."""
         return self.backbone.trainable_parameters()
+
+    def diffusers_export(self, sampler: Any) -> DiffusersExport:
+        """A ``HunyuanVideoPipeline`` of these modules taking ``dancecore eval``'s deterministic steps
+        (the embedded guidance as ``guidance_scale``, no true CFG)."""
+        from diffusers import HunyuanVideoPipeline
+
+        pipeline = HunyuanVideoPipeline(**self.backbone.pipeline_components(sampler, "HunyuanVideoPipeline"))
+        call = {**self.backbone.pipeline_call(sampler), "guidance_scale": self.config.guidance}
+        return DiffusersExport(pipeline=pipeline, trained="transformer", call=call, task="text-to-video")

@@ -22,6 +22,7 @@ from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
     BuildContext,
+    DiffusersExport,
     NetworkOptions,
     PromptBatch,
     materialise,
@@ -139,6 +140,53 @@ class StableDiffusionPolicy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every UNet weight, or only the LoRA weights."""
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------ export
+
+    def diffusers_export(self, sampler: Any) -> DiffusersExport:
+        """A ``StableDiffusionPipeline`` of this policy's modules with a DDIM scheduler of the
+        sampler's timesteps and betas. ``set_alpha_to_one`` is true: dancecore decodes the last
+        step's ``x0_hat`` (what the rewards scored), which is DDIM's final step onto alpha = 1;
+        every earlier step is the same either way. No safety checker (none was trained with)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        c, schedule = sampler.config, sampler.schedule()
+        scheduler = DDIMScheduler(
+            num_train_timesteps=c.num_train_timesteps,
+            beta_start=c.beta_start,
+            beta_end=c.beta_end,
+            beta_schedule=c.beta_schedule,
+            steps_offset=c.steps_offset,
+            timestep_spacing="leading",
+            clip_sample=False,
+            set_alpha_to_one=True,
+        )
+        scheduler.set_timesteps(schedule.num_steps)
+        if not torch.equal(scheduler.timesteps.long(), schedule.timesteps.long().cpu()):
+            raise ValueError(
+                f"the sampler's timesteps {schedule.timesteps.tolist()} are not DDIMScheduler's "
+                f"{scheduler.timesteps.tolist()}: this sampler cannot be exported to StableDiffusionPipeline"
+            )
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.module,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        call: dict[str, Any] = {
+            "num_inference_steps": schedule.num_steps,
+            "guidance_scale": self.config.guidance_scale,
+            "eta": 0.0,
+            "height": self.resolution,
+            "width": self.resolution,
+        }
+        if self.config.negative_prompt:
+            call["negative_prompt"] = self.config.negative_prompt
+        return DiffusersExport(pipeline=pipeline, trained="unet", call=call)
 
     # ------------------------------------------------------------------------------ helpers
 
