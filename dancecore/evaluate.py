@@ -65,7 +65,14 @@ def evaluate(
         load_trainable(policy.module, loaded.ema if ema and loaded.ema is not None else loaded.model)
     policy.module.eval()
     items, pixels = ode_samples(
-        policy, sampler, prompts, samples_per_prompt=samples_per_prompt, seed=seed, batch_size=batch_size, device=device
+        policy,
+        sampler,
+        prompts,
+        samples_per_prompt=samples_per_prompt,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        num_steps=cfg.eval.num_steps if cfg.eval is not None else None,  # the run's evaluation steps
     )
     return score_and_report(
         rewards,
