@@ -28,6 +28,7 @@ from dancecore.outputs.images import save_grid
 from dancecore.outputs.report import load_eval_history
 from dancecore.training.engine import LocalEngine
 from dancecore.training.prompts import read_prompt_file
+from dancecore.training.sampling import decoded_latents
 from dancecore.training.scoring import NamedReward, score_samples
 
 if TYPE_CHECKING:
@@ -74,12 +75,13 @@ def ode_samples(
 @torch.no_grad()
 def ode_latents(policy: Policy, sampler: Sampler, schedule: Schedule, x: torch.Tensor, cond: Any) -> torch.Tensor:
     """The deterministic (ODE / eta = 0) trajectory from ``x`` (B, *latent) over ``schedule``; returns
-    the latents that are decoded: the last step's clean estimate ``x0_hat``."""
+    the latents that are decoded: the last step's clean estimate ``x0_hat`` (flow), or its sample for
+    a sampler that decodes it (DDIM's final sample)."""
     for i in range(schedule.num_steps):
         pred = policy.predict(x, schedule.timesteps[i].expand(x.shape[0]), cond)
         out = sampler.step(schedule, i, x, pred.float(), deterministic=True)
         x = out.next_latents
-    return out.x0_hat
+    return decoded_latents(sampler, out)
 
 
 def score_and_report(
