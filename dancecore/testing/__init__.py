@@ -34,7 +34,7 @@ from dancecore.functional.grpo import group_advantages, trainable_steps
 from dancecore.outputs.video import write_video
 from dancecore.registry import contract_problems
 from dancecore.registry import load as load_plugin
-from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, sample_images
+from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, recipe_overrides, sample_images
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
 from dancecore.testing.pipelines import DeterministicRollout, deterministic_rollout
 from dancecore.testing.reward_kit import check_reward_plugin
@@ -58,6 +58,7 @@ __all__ = [
     "load_run",
     "prompt_batch",
     "read_prompt_file",
+    "recipe_overrides",
     "sample_images",
     "trainable_steps",
     "validate",

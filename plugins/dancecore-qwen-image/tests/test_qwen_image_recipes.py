@@ -6,31 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dancecore.testing import load_run
+from dancecore.testing import load_run, recipe_overrides
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = "configs/qwen-image/hps.yaml"
-
-
-def header_overrides(path: Path) -> list[str]:
-    """The overrides of the ``dancecore train <path> ...`` command in a recipe's header comment."""
-    lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith("dancecore train "))
-    command = ""
-    for line in lines[start:]:
-        command += " " + line.lstrip("#").strip().rstrip("\\")
-        if not line.rstrip().endswith("\\"):
-            break
-    words = shlex.split(command)
-    assert words[:3] == ["dancecore", "train", path.relative_to(ROOT).as_posix()], words[:3]
-    return words[3:]
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +37,7 @@ def test_recipe_settings():
 @pytest.mark.slow
 def test_header_command_trains_one_iteration(tmp_path):
     out = tmp_path / "run"
-    overrides = [*header_overrides(ROOT / RECIPE), f"output_dir={out}", "train.device=cpu", "train.num_threads=1"]
+    overrides = [*recipe_overrides(ROOT / RECIPE), f"output_dir={out}", "train.device=cpu", "train.num_threads=1"]
     overrides += ["logging.progress_bar=false", "logging.tensorboard=false"]
     result = subprocess.run(
         [sys.executable, "-m", "dancecore.cli", "train", RECIPE, *overrides],
