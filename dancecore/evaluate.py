@@ -97,6 +97,7 @@ def evaluate(
         seed=seed,
         batch_size=batch_size,
         device=device,
+        num_steps=cfg.eval.num_steps if cfg.eval is not None else None,  # the run's evaluation steps
     )
     return score_and_report(
         rewards, items, pixels, output_dir, weights=loaded.weights, failure_policy=cfg.reward_failure

@@ -130,3 +130,30 @@ def test_divergence_alarm_can_stop_the_run_with_a_checkpoint(tiny_run, tmp_path)
     history = [json.loads(line) for line in (run.config.output_dir / "eval" / "history.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [0, 1, 2] and history[-1]["alarm"] == "alarm"
     assert (run.config.output_dir / "checkpoints" / "iter-00000002").is_dir()
+
+
+def test_eval_num_steps_sets_the_evaluation_schedule(tmp_path):
+    """``eval.num_steps`` (Flow-GRPO evaluates with 40 steps, trains with 10) is the number of ODE steps
+    of the evaluation, and ``deterministic_rollout`` (dancecore.testing) samples exactly as eval does."""
+    import torch
+
+    from dancecore.contracts.records import Prompt
+    from dancecore.testing import build_component, deterministic_rollout
+    from dancecore.training.evaluation import ode_samples
+
+    policy = build_component("policy", "testing-tiny")
+    sampler = build_component("sampler", "flow-sde", {"num_steps": 4})
+    prompts = [Prompt("a red cube", 0)]
+    device = torch.device("cpu")
+
+    def pixels(steps):
+        return ode_samples(
+            policy, sampler, prompts, samples_per_prompt=1, seed=0, batch_size=1, device=device, num_steps=steps
+        )[1]
+
+    assert torch.equal(pixels(None), pixels(4)) and not torch.equal(pixels(2), pixels(4))
+    from dancecore.functional.seeding import generator
+
+    noise = policy.initial_noise(1, generator(0, "eval", 0, 0))
+    ours = deterministic_rollout(policy, prompts, noise, sampler=sampler, num_steps=2)
+    assert torch.equal(ours.pixels, pixels(2)) and ours.sigmas.shape == (3,)

@@ -115,3 +115,41 @@ def test_variant_samplers_train_with_ratio_exactly_one_before_the_update(tiny_ru
     assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
     records = trainer.metrics.read()
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+
+
+@pytest.mark.parametrize(
+    ("sampler_name", "policy_name"), [("ddim-sde", "testing-tiny-eps"), ("flow-sde", "testing-tiny")]
+)
+def test_rollout_and_eval_decode_what_the_sampler_declares(sampler_name, policy_name):
+    """DDIM decodes its final sample (as diffusers, DDPO and DanceGRPO's SD code), flow samplers the
+    last step's x0_hat (the ODE endpoint), in the training rollout and in evaluation alike."""
+    import contextlib
+
+    from dancecore.contracts.records import PromptBatch
+    from dancecore.testing import build_component, deterministic_rollout, prompt_batch
+    from dancecore.training.sampling import NetworkCalls, grouped_rollout
+
+    policy = build_component("policy", policy_name)
+    sampler = build_component("sampler", sampler_name, {"num_steps": 4})
+    batch: PromptBatch = prompt_batch(["a red cube"])
+    cond = policy.encode_prompts(batch)
+    schedule = sampler.schedule()
+    calls = NetworkCalls(device=torch.device("cpu"), micro_batch_size=2, autocast=contextlib.nullcontext)
+    traj = grouped_rollout(
+        policy, sampler, calls, seed=0, draw=0, prompt_ids=[0], group_size=2, cond=cond,
+        schedule=schedule, stochastic=torch.ones(4, dtype=torch.bool),
+    )  # fmt: skip
+    decodes_sample = sampler_name == "ddim-sde"
+    assert torch.equal(traj.final, traj.latents[:, -1]) == decodes_sample
+    noise = policy.initial_noise(1, torch.Generator().manual_seed(0))
+    ode = deterministic_rollout(policy, batch, noise, sampler=sampler)
+    x, out = noise, None
+    with torch.no_grad():
+        for i in range(schedule.num_steps):
+            out = sampler.step(
+                schedule, i, x, policy.predict(x, schedule.timesteps[i].expand(1), cond), deterministic=True
+            )
+            x = out.next_latents
+    assert torch.equal(ode.latents, out.next_latents if decodes_sample else out.x0_hat)
+    if decodes_sample:  # at SD's last alpha (0.99915) the final sample is not x0_hat
+        assert not torch.allclose(out.next_latents, out.x0_hat)

@@ -375,3 +375,17 @@ def test_policy_kit_catches_a_sampler_whose_replay_differs(monkeypatch: pytest.M
     monkeypatch.setattr(kits, "build_component", build)
     with pytest.raises(AssertionError, match="replaying step 0 .*bit-identical"):
         check_policy_plugin("testing-tiny")
+
+
+def test_recipe_overrides_reads_the_header_command(tmp_path):
+    from pathlib import Path
+
+    from dancecore.testing import recipe_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = recipe_overrides(root / "configs" / "flux" / "hps.yaml")
+    assert "policy.preset=tiny" in overrides and "output_dir=outputs/flux-tiny" in overrides
+    other = tmp_path / "other.yaml"
+    other.write_text("# dancecore train configs/flux/hps.yaml a=1\nseed: 0\n")
+    with pytest.raises(AssertionError, match="not this recipe"):
+        recipe_overrides(other)

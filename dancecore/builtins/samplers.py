@@ -205,7 +205,13 @@ class FlowCPSSampler:
 
 
 class DDIMSDESampler:
-    """DDIM with stochasticity eta (1.0 by default) for epsilon-prediction diffusion models (SD)."""
+    """DDIM with stochasticity eta (1.0 by default) for epsilon-prediction diffusion models (SD).
+
+    The decoded sample is the final DDIM sample (at SD's last cumulative alpha 0.99915, not 1), as
+    diffusers' pipeline, DDPO and DanceGRPO's SD code decode it, not the last step's ``x0_hat``.
+    """
+
+    decodes = "sample"
 
     class Config(ComponentConfig):
         """Options of the ``ddim-sde`` sampler (defaults: Stable Diffusion v1.x's scheduler)."""

@@ -93,6 +93,9 @@ class EvalConfig(StrictModel):
     samples_per_prompt: int = Field(1, ge=1, description="Samples per prompt, each from its own fixed seed.")
     seed: int = Field(0, description="Seed of the evaluation noise (independent of the run seed).")
     batch_size: int = Field(8, ge=1, description="Samples per network call.")
+    num_steps: int | None = Field(
+        None, ge=1, description="Sampling steps of the evaluation (default: the sampler's; Flow-GRPO: 40 vs 10)."
+    )
     rewards: list[RewardSpec] | None = Field(
         None, description="Rewards to evaluate with (default: the training rewards)."
     )

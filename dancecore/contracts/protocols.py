@@ -92,7 +92,13 @@ class ExportablePolicy(Policy, Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """A stochastic sampler that reports the log-probability of every transition it takes."""
+    """A stochastic sampler that reports the log-probability of every transition it takes.
+
+    Optional class attribute ``decodes``: which latent of the last step is decoded into the sample
+    (rewards, eval images): ``"x0_hat"`` (the default; the ODE endpoint of a flow model) or
+    ``"sample"`` (the last step's next latent: DDIM's final sample, as diffusers, DDPO and DanceGRPO's
+    SD code decode it).
+    """
 
     Config: ClassVar[type[BaseModel]]
 

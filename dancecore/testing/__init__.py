@@ -23,7 +23,8 @@ policies for tests (no diffusers, no download). Importing this package imports n
 nor transformers.
 
 Modules: :mod:`~dancecore.testing.kits` (the conformance checks),
-:mod:`~dancecore.testing.tiny_policy` (the tiny policies), :mod:`~dancecore.testing.helpers`.
+:mod:`~dancecore.testing.tiny_policy` (the tiny policies), :mod:`~dancecore.testing.helpers`,
+:mod:`~dancecore.testing.pipelines` (the deterministic rollout, for pipeline-equivalence tests).
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ from dancecore.outputs.video import write_video
 from dancecore.registry import contract_problems
 from dancecore.registry import load as load_plugin
 from dancecore.testing.export_kit import check_diffusers_export
-from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, sample_images
+from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, recipe_overrides, sample_images
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
+from dancecore.testing.pipelines import DeterministicRollout, deterministic_rollout
 from dancecore.testing.reward_kit import check_reward_plugin
 from dancecore.testing.tiny_policy import TinyConditioning, TinyEpsilonPolicy, TinyFlowPolicy
 from dancecore.training.prompts import read_prompt_file
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "DeterministicRollout",
     "TinyConditioning",
     "TinyEpsilonPolicy",
     "TinyFlowPolicy",
@@ -51,11 +54,13 @@ __all__ = [
     "check_reward_plugin",
     "check_sampler_plugin",
     "contract_problems",
+    "deterministic_rollout",
     "group_advantages",
     "load_plugin",
     "load_run",
     "prompt_batch",
     "read_prompt_file",
+    "recipe_overrides",
     "sample_images",
     "trainable_steps",
     "validate",

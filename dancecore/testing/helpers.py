@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,3 +37,24 @@ def prompt_batch(prompts: PromptBatch | Sequence[str | Prompt] | None = None) ->
         return prompts
     items = DEFAULT_PROMPTS if prompts is None else prompts
     return PromptBatch(tuple(p if isinstance(p, Prompt) else Prompt(p, i) for i, p in enumerate(items)))
+
+
+def recipe_overrides(path: Path) -> list[str]:
+    """The ``key=value`` overrides of the ``dancecore train <recipe> ...`` command written in the
+    header comment of the recipe at ``path`` (continued over lines ending in ``\\``), so a test can
+    check that the documented tiny-preset command validates and runs."""
+    import shlex
+
+    lines = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.lstrip("# ").startswith("dancecore train ")), None)
+    assert start is not None, f"{path}: no '# dancecore train ...' command in the header"
+    command = ""
+    for line in lines[start:]:
+        command += " " + line.lstrip("#").strip().rstrip("\\")
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(command)
+    assert words[:2] == ["dancecore", "train"] and path.as_posix().endswith(words[2]), (
+        f"{path}: the header command trains {words[2:3]}, not this recipe"
+    )
+    return words[3:]

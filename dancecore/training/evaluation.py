@@ -22,12 +22,13 @@ import torch
 
 from dancecore.config.schema import EvalConfig, RewardFailureConfig
 from dancecore.contracts.protocols import Policy, Sampler, SummarizingReward
-from dancecore.contracts.records import Prompt, PromptBatch, select_rows
+from dancecore.contracts.records import Prompt, PromptBatch, Schedule, select_rows
 from dancecore.functional.seeding import generator
 from dancecore.outputs.images import save_grid
 from dancecore.outputs.report import load_eval_history
 from dancecore.training.engine import LocalEngine
 from dancecore.training.prompts import read_prompt_file
+from dancecore.training.sampling import decoded_latents
 from dancecore.training.scoring import NamedReward, score_samples
 
 if TYPE_CHECKING:
@@ -54,10 +55,12 @@ def ode_samples(
     seed: int,
     batch_size: int,
     device: torch.device,
+    num_steps: int | None = None,
 ) -> tuple[list[tuple[Prompt, int]], torch.Tensor]:
     """Deterministic samples of every (prompt, j < samples_per_prompt) from the seed
-    ``(seed, "eval", prompt index, j)``; returns the items and their pixels (CPU)."""
-    schedule = sampler.schedule()
+    ``(seed, "eval", prompt index, j)`` over ``num_steps`` steps (default: the sampler's);
+    returns the items and their pixels (CPU)."""
+    schedule = sampler.schedule(num_steps)
     items = [(p, j) for p in prompts for j in range(samples_per_prompt)]
     pixels: list[torch.Tensor] = []
     for start in range(0, len(items), batch_size):
@@ -65,12 +68,20 @@ def ode_samples(
         cond = policy.encode_prompts(PromptBatch(tuple(p for p, _ in chunk)))
         x = torch.cat([policy.initial_noise(1, generator(seed, "eval", p.index, j)) for p, j in chunk]).to(device)
         rows = select_rows(cond, torch.arange(len(chunk)))
-        for i in range(schedule.num_steps):
-            pred = policy.predict(x, schedule.timesteps[i].expand(len(chunk)), rows)
-            out = sampler.step(schedule, i, x, pred.float(), deterministic=True)
-            x = out.next_latents
-        pixels.append(policy.decode(out.x0_hat).cpu())
+        pixels.append(policy.decode(ode_latents(policy, sampler, schedule, x, rows)).cpu())
     return items, torch.cat(pixels)
+
+
+@torch.no_grad()
+def ode_latents(policy: Policy, sampler: Sampler, schedule: Schedule, x: torch.Tensor, cond: Any) -> torch.Tensor:
+    """The deterministic (ODE / eta = 0) trajectory from ``x`` (B, *latent) over ``schedule``; returns
+    the latents that are decoded: the last step's clean estimate ``x0_hat`` (flow), or its sample for
+    a sampler that decodes it (DDIM's final sample)."""
+    for i in range(schedule.num_steps):
+        pred = policy.predict(x, schedule.timesteps[i].expand(x.shape[0]), cond)
+        out = sampler.step(schedule, i, x, pred.float(), deterministic=True)
+        x = out.next_latents
+    return decoded_latents(sampler, out)
 
 
 def score_and_report(
@@ -178,6 +189,7 @@ class PeriodicEval:
                     seed=self.config.seed,
                     batch_size=self.config.batch_size,
                     device=trainer.device,
+                    num_steps=self.config.num_steps,
                 )
         finally:
             module.train(was_training)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dancecore.contracts.protocols import Policy, Sampler, WindowedSampler
-from dancecore.contracts.records import Schedule, Trajectory, select_rows
+from dancecore.contracts.records import Schedule, StepResult, Trajectory, select_rows
 from dancecore.functional.seeding import generator
 
 
@@ -56,6 +56,12 @@ def stochastic_mask(sampler: Sampler, num_steps: int, iteration: int) -> torch.T
     if isinstance(sampler, WindowedSampler):
         return sampler.stochastic_steps(num_steps, iteration)
     return torch.ones(num_steps, dtype=torch.bool)
+
+
+def decoded_latents(sampler: Sampler, last: StepResult) -> torch.Tensor:
+    """The latents of the last step that are decoded: ``x0_hat``, or the step's sample when the
+    sampler declares ``decodes = "sample"`` (DDIM)."""
+    return last.next_latents if getattr(sampler, "decodes", "x0_hat") == "sample" else last.x0_hat
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def grouped_rollout(
             x = out.next_latents
             saved_latents[i + 1].copy_(real_rows(x, real))
             saved_log_probs[i].copy_(real_rows(out.log_prob, real))
-        final[rows] = real_rows(out.x0_hat, real).cpu()
+        final[rows] = real_rows(decoded_latents(sampler, out), real).cpu()
     return Trajectory(
         latents=latents,
         log_probs=log_probs,

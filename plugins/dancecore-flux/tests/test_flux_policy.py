@@ -99,3 +99,41 @@ def test_config_needs_exactly_one_source():
         FluxPolicy.Config()
     with pytest.raises(ValueError, match="exactly one"):
         FluxPolicy.Config(preset="tiny", pretrained="x")
+
+
+def test_deterministic_rollout_equals_the_diffusers_pipeline(policy):
+    """``dancecore eval``'s ODE sampling (flow-sde, eta 0, shift 3, 5 steps) and diffusers' FluxPipeline
+    from the same packed noise, guidance embedding 3.5: the same latents and pixels. FluxPipeline's
+    exponential time shift exp(mu) is the SD3 shift k when mu = ln k (set through the scheduler's
+    base/max shift); its default sigmas linspace(1, 1/N, N) are flow-sde's before the shift."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from dancecore.testing import deterministic_rollout
+
+    steps, noise = 5, policy.initial_noise(2, torch.Generator().manual_seed(5))
+    ours = deterministic_rollout(policy, PROMPTS, noise, sampler_options={"shift": 3.0}, num_steps=steps)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, time_shift_type="exponential", base_shift=math.log(3.0), max_shift=math.log(3.0)
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=policy.vae, text_encoder=policy.text_encoder, tokenizer=policy.tokenizer,
+        text_encoder_2=policy.text_encoder_2, tokenizer_2=policy.tokenizer_2, transformer=policy.module,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    run = {
+        "prompt": PROMPTS.texts,
+        "height": 32,
+        "width": 32,
+        "latents": noise.clone(),
+        "guidance_scale": 3.5,
+        "num_inference_steps": steps,
+        "max_sequence_length": 32,
+    }
+    latents = pipe(**run, output_type="latent").images
+    pixels = pipe(**run, output_type="pt").images
+    torch.testing.assert_close(pipe.scheduler.sigmas, ours.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.latents, latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.pixels, pixels, rtol=0, atol=1e-5)
+    assert latents.std() > 0.1

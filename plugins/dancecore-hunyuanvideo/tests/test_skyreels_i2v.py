@@ -247,3 +247,52 @@ def test_transformer_can_come_from_its_own_directory(i2v, image_prompts):
             mixed.predict(latents, SIGMAS, mixed.encode_prompts(image_prompts)),
             i2v.predict(latents, SIGMAS, i2v.encode_prompts(image_prompts)),
         )
+
+
+def test_deterministic_rollout_equals_the_diffusers_pipeline(i2v, tmp_path, make_image, monkeypatch):
+    """``dancecore eval``'s ODE sampling (flow-sde, eta 0, shift 7, 4 steps) and diffusers'
+    HunyuanSkyreelsImageToVideoPipeline (shift-7 scheduler, the same unshifted sigmas, true CFG 5
+    against '', embedded guidance 1) from the same noise and first frames (already at the video's
+    size): the same latents and videos. One deliberate difference is pinned: the pipeline samples the
+    first frame's VAE posterior, the policy takes its mode (deterministic conditioning), so the test
+    has the pipeline take the mode too."""
+    import diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video as skyreels
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanSkyreelsImageToVideoPipeline
+    from PIL import Image
+
+    from dancecore.testing import deterministic_rollout
+
+    monkeypatch.setattr(skyreels, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+    g = i2v.geometry
+    paths = [make_image(tmp_path / f"{i}.png", g.height, g.width, i) for i in range(2)]
+    prompts = PromptBatch((Prompt("a red cube", 0, paths[0]), Prompt("a cat on a mat", 1, paths[1])))
+    backbone = i2v.backbone
+    steps, noise = 4, _noise(i2v, 2, seed=5)
+    ours = deterministic_rollout(i2v, prompts, noise, sampler_options={"shift": 7.0}, num_steps=steps)
+    pipe = HunyuanSkyreelsImageToVideoPipeline(
+        text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, transformer=i2v.module, vae=backbone.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=backbone.text_encoder_2,
+        tokenizer_2=backbone.tokenizer_2,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    videos, latents = [], []
+    for prompt, row in zip(prompts.prompts, noise, strict=True):  # the pipeline takes one image per call
+        run = {
+            "image": Image.open(prompt.image).convert("RGB"),
+            "prompt": prompt.text,
+            "negative_prompt": "",
+            "height": g.height,
+            "width": g.width,
+            "num_frames": g.num_frames,
+            "latents": row[None].clone(),
+            "true_cfg_scale": 5.0,
+            "guidance_scale": 1.0,
+            "sigmas": torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist(),
+            "prompt_template": {"template": backbone.template, "crop_start": backbone.crop_start},
+            "max_sequence_length": backbone.max_sequence_length,
+        }
+        latents.append(pipe(**run, output_type="latent").frames)
+        videos.append(pipe(**run, output_type="pt").frames)
+    torch.testing.assert_close(pipe.scheduler.sigmas, ours.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.latents, torch.cat(latents), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.pixels, torch.cat(videos), rtol=0, atol=1e-5)

@@ -212,3 +212,39 @@ def test_memory_options_keep_results(t2v, prompts):
         first = lean.predict(latents, SIGMAS, cond)
         torch.testing.assert_close(v.float(), t2v.predict(latents, SIGMAS, reference), rtol=0.1, atol=0.1)
     assert torch.equal(v, first)
+
+
+def test_deterministic_rollout_equals_the_diffusers_pipeline(t2v, prompts):
+    """``dancecore eval``'s ODE sampling (flow-sde, eta 0, shift 5, 4 steps) and diffusers'
+    HunyuanVideoPipeline (shift-5 scheduler, the same unshifted sigmas, embedded guidance 6, the
+    template cropped where the policy crops it) from the same noise: the same latents and videos."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    from dancecore.testing import deterministic_rollout
+
+    backbone = t2v.backbone
+    steps, noise = 4, _noise(t2v, 3, seed=5)
+    ours = deterministic_rollout(t2v, prompts, noise, sampler_options={"shift": 5.0}, num_steps=steps)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, transformer=t2v.module, vae=backbone.vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=backbone.text_encoder_2,
+        tokenizer_2=backbone.tokenizer_2,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    run = {
+        "prompt": prompts.texts,
+        "height": 32,
+        "width": 48,
+        "num_frames": 5,
+        "latents": noise.clone(),
+        "guidance_scale": 6.0,
+        "sigmas": torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist(),
+        "prompt_template": {"template": backbone.template, "crop_start": backbone.crop_start},
+        "max_sequence_length": backbone.max_sequence_length,
+    }
+    latents = pipe(**run, output_type="latent").frames
+    videos = pipe(**run, output_type="pt").frames  # (B, F, 3, H, W) in [0, 1]
+    torch.testing.assert_close(pipe.scheduler.sigmas, ours.sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.latents, latents, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.pixels, videos, rtol=0, atol=1e-5)
+    assert latents.std() > 0.1

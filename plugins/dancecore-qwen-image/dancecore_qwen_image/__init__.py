@@ -1,0 +1,1 @@
+"""Qwen-Image policy plugin for dancecore."""

@@ -1,0 +1,1 @@
+"""Wan2.1 policy plugin for dancecore."""
