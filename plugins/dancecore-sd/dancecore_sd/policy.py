@@ -145,9 +145,9 @@ class StableDiffusionPolicy:
 
     def diffusers_export(self, sampler: Any) -> DiffusersExport:
         """A ``StableDiffusionPipeline`` of this policy's modules with a DDIM scheduler of the
-        sampler's timesteps and betas. ``set_alpha_to_one`` is true: dancecore decodes the last
-        step's ``x0_hat`` (what the rewards scored), which is DDIM's final step onto alpha = 1;
-        every earlier step is the same either way. No safety checker (none was trained with)."""
+        sampler's timesteps and betas, configured as SD ships it (``set_alpha_to_one`` false):
+        ``ddim-sde`` decodes the final DDIM sample, as the pipeline does. No safety checker (none
+        was trained with)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         c, schedule = sampler.config, sampler.schedule()
@@ -159,7 +159,7 @@ class StableDiffusionPolicy:
             steps_offset=c.steps_offset,
             timestep_spacing="leading",
             clip_sample=False,
-            set_alpha_to_one=True,
+            set_alpha_to_one=False,
         )
         scheduler.set_timesteps(schedule.num_steps)
         if not torch.equal(scheduler.timesteps.long(), schedule.timesteps.long().cpu()):
