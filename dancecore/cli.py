@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", default=None, help="where to write it (default: OUTPUT_DIR/report.html)")
     report.set_defaults(func=cmd_report)
 
+    from dancecore.serving.serve import add_command as add_serve_reward
+
+    add_serve_reward(sub)
+
     from dancecore.hooks import plugin_manager
 
     plugin_manager().hook.dancecore_add_commands(subparsers=sub)

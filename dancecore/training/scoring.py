@@ -149,7 +149,9 @@ def _score_one(
                 failures += int(not bool(finite.all()))
                 return values, finite, failures
             bad = int((~finite).sum())
-            raise RewardFailure(reward.name, f"returned {bad} non-finite score(s) of {batch}", reward.plugin)
+            origin = getattr(reward.component, "source", None)  # e.g. a remote reward's URL
+            where = f" (from {origin})" if isinstance(origin, str) else ""
+            raise RewardFailure(reward.name, f"returned {bad} non-finite score(s) of {batch}{where}", reward.plugin)
         except RewardFailure as exc:
             last = exc
         except TimeoutError as exc:
