@@ -170,3 +170,9 @@ def test_the_quickstart_trains_through_a_served_reward_with_the_local_metrics(
     expected, got = _metrics(local), _metrics(remote)
     assert len(got) == 2 and "reward/brightness" in got[0]
     assert json.dumps(got) == json.dumps(expected)
+
+
+def test_the_remote_reward_honours_the_reward_contract(server: RewardServer) -> None:
+    from dancecore.testing import check_reward_plugin
+
+    check_reward_plugin("remote", {"url": server.url, "reward": "jpeg-compressibility"})

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -28,6 +28,7 @@ from dancecore.errors import UserError
 from dancecore.serving import protocol
 
 RETRIED_STATUS = {429, 500, 502, 503, 504}
+T = TypeVar("T")
 
 
 class RemoteRewardError(RuntimeError):
@@ -76,13 +77,9 @@ class RemoteReward:
         return self.endpoint
 
     def _client(self) -> Any:
-        import httpx
-
         with self._lock:
             if self._http is None:
-                size = self.config.max_connections
-                limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-                self._http = httpx.Client(limits=limits, headers=self.headers, follow_redirects=False)
+                self._http = pooled_client(self.config.max_connections, self.headers)
             return self._http
 
     def close(self) -> None:
@@ -98,22 +95,10 @@ class RemoteReward:
         return protocol.encode_safetensors(samples.float(), prompts), protocol.SAFETENSORS_TYPE
 
     def _attempt(self, body: bytes, content_type: str, batch: int, remaining: float) -> torch.Tensor:
-        """One POST; raises ``_Retry`` for what another attempt may fix, RemoteRewardError otherwise."""
-        import httpx
-
-        try:
-            answer = self._client().post(
-                self.endpoint,
-                content=body,
-                headers={"content-type": content_type},
-                timeout=httpx.Timeout(remaining),
-            )
-        except httpx.TimeoutException:
-            raise _Retry(f"no answer within {remaining:.3g} s") from None
-        except httpx.TransportError as exc:
-            raise _Retry(f"connection failed ({type(exc).__name__}: {exc or 'no detail'})") from None
-        if answer.status_code in RETRIED_STATUS:
-            raise _Retry(f"server error {answer.status_code}: {protocol.error_text(answer.content)}")
+        """One POST; raises :class:`Retry` for what another attempt may fix, RemoteRewardError otherwise."""
+        answer = post_once(
+            self._client(), self.endpoint, remaining, content=body, headers={"content-type": content_type}
+        )
         if answer.status_code == 401:
             hint = f" (set {self.config.token_env})" if self.config.token_env else ""
             raise RemoteRewardError(f"{self.endpoint}: the server refused the token (401){hint}")
@@ -129,23 +114,57 @@ class RemoteReward:
     def score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Scores from the server, one per sample (NaN where the server's reward gave a non-finite one)."""
         body, content_type = self._encode(samples.detach().cpu(), prompts)
-        deadline = time.monotonic() + self.config.timeout_s
-        wait = self.config.backoff_s
-        attempts = 0
-        while True:
-            attempts += 1
-            remaining = deadline - time.monotonic()
-            try:
-                return self._attempt(body, content_type, samples.shape[0], max(remaining, 1e-3))
-            except _Retry as exc:
-                cause = str(exc)
-            remaining = deadline - time.monotonic()
-            if attempts > self.config.retries or remaining <= wait:
-                tries = f" (after {attempts} attempt{'s' if attempts > 1 else ''})"
-                raise RemoteRewardError(f"{self.endpoint}: {cause}{tries}")
-            time.sleep(wait)
-            wait *= 2
+        c = self.config
+        return with_retries(
+            self.endpoint,
+            lambda remaining: self._attempt(body, content_type, samples.shape[0], remaining),
+            c.timeout_s,
+            c.retries,
+            c.backoff_s,
+        )
 
 
-class _Retry(Exception):
-    """A failure another attempt may fix (connection, timeout, 5xx)."""
+class Retry(Exception):
+    """A failure another attempt may fix (connection, timeout, 5xx, 429)."""
+
+
+def post_once(client: Any, url: str, remaining: float, **request: Any) -> Any:
+    """One POST within ``remaining`` seconds; a transport failure, timeout or retried status
+    raises :class:`Retry`, any other answer is returned."""
+    import httpx
+
+    try:
+        answer = client.post(url, timeout=httpx.Timeout(remaining), **request)
+    except httpx.TimeoutException:
+        raise Retry(f"no answer within {remaining:.3g} s") from None
+    except httpx.TransportError as exc:
+        raise Retry(f"connection failed ({type(exc).__name__}: {exc or 'no detail'})") from None
+    if answer.status_code in RETRIED_STATUS:
+        raise Retry(f"server error {answer.status_code}: {protocol.error_text(answer.content)}")
+    return answer
+
+
+def with_retries(url: str, attempt: Callable[[float], T], timeout_s: float, retries: int, backoff_s: float) -> T:
+    """``attempt(remaining_seconds)`` until it succeeds, at most ``retries`` more times after a
+    :class:`Retry`, with exponential backoff, all within ``timeout_s``; then :class:`RemoteRewardError`."""
+    deadline = time.monotonic() + timeout_s
+    wait = backoff_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt(max(deadline - time.monotonic(), 1e-3))
+        except Retry as exc:
+            cause = str(exc)
+        if attempts > retries or deadline - time.monotonic() <= wait:
+            raise RemoteRewardError(f"{url}: {cause} (after {attempts} attempt{'s' if attempts > 1 else ''})")
+        time.sleep(wait)
+        wait *= 2
+
+
+def pooled_client(max_connections: int, headers: dict[str, str]) -> Any:
+    """An ``httpx.Client`` keeping up to ``max_connections`` connections open (thread-safe)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.Client(limits=limits, headers=headers, follow_redirects=False)
