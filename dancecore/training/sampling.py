@@ -80,11 +80,15 @@ def grouped_rollout(
     cond: Any,
     schedule: Schedule,
     stochastic: torch.Tensor,
+    on_micro_batch: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> Trajectory:
     """Sample a group of ``group_size`` trajectories per prompt; each group shares its initial noise.
 
     ``prompt_ids`` are the global positions (within the iteration) of this rank's prompts; they and
     ``draw`` key the initial noise and every sample's SDE noise, so ranks and resumes agree.
+    ``on_micro_batch(rows, final)``, when given, is called as soon as each micro-batch is done
+    with its rows and their final clean latents (CPU), e.g. to decode and score them while the
+    next micro-batches roll out.
     """
     g = group_size
     shared = [policy.initial_noise(1, generator(seed, "init", draw, pid)) for pid in prompt_ids]
@@ -121,6 +125,8 @@ def grouped_rollout(
             saved_latents[i + 1].copy_(real_rows(x, real))
             saved_log_probs[i].copy_(real_rows(out.log_prob, real))
         final[rows] = real_rows(out.x0_hat, real).cpu()
+        if on_micro_batch is not None:
+            on_micro_batch(rows, final[rows])
     return Trajectory(
         latents=latents,
         log_probs=log_probs,
