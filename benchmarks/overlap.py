@@ -4,7 +4,7 @@
     python -m benchmarks.overlap --delay-ms 100 --rounds 5
 
 A real reward server (the ``serve-reward`` application under uvicorn, on a loopback ephemeral
-port, in this process) serves brightness behind a latency of ``--delay-ms`` per sample: a reward
+port, in its own process) serves brightness behind a latency of ``--delay-ms`` per sample: a reward
 model busy on another machine. The same tiny-FLUX trainer configuration runs with the ``remote``
 reward, scoring after the rollout (plain) and scoring each micro-batch while the rest rolls out
 (overlap), in interleaved rounds; the medians and their difference are printed and written to
@@ -17,11 +17,11 @@ import argparse
 import json
 import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from benchmarks.cases import build_trainer
@@ -43,22 +43,39 @@ class SlowBrightness:
         return self.inner.score(samples, prompts)
 
 
-def start_server(delay_s: float) -> tuple[str, Any]:
-    """A served slow brightness on a loopback ephemeral port; returns its URL and the uvicorn server."""
+def _serve(delay_s: float, ports: Any) -> None:
+    """The server process: slow brightness under uvicorn on a loopback ephemeral port."""
     import uvicorn
 
     from dancecore.serving.server import ServedReward, ServerLimits, build_app
 
+    torch.set_num_threads(1)
     reward = ServedReward("slow-brightness", "brightness", SlowBrightness(delay_s), 64, {})
     app = build_app([reward], ServerLimits(), None, "bench")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    ports.put(sock.getsockname()[1])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def start_server(delay_s: float) -> tuple[str, Any]:
+    """A served slow brightness in its own process (as a remote reward would be); its URL and process."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    process = context.Process(target=_serve, args=(delay_s, ports), daemon=True)
+    process.start()
+    url = f"http://127.0.0.1:{ports.get(timeout=120)}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return url, process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("the benchmark's reward server did not start")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.iteration(it)
             times[name].append(time.perf_counter() - began)
             reward_wait[name].append(trainer.phase_times.get("reward", 0.0))
-    server.should_exit = True
+    server.terminate()
+    server.join(10)
     plain, overlap = statistics.median(times["plain"]), statistics.median(times["overlap"])
     samples = trainers["plain"].group_size * len(trainers["plain"].local_prompts(0))
     result = {

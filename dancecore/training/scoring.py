@@ -180,7 +180,7 @@ def score_samples(
     returned scores cover only the kept samples (``keep`` indexes them), so NaN never reaches an
     advantage.
     """
-    return merge_scores(rewards, [_score_one(reward, samples, prompts, policy) for reward in rewards], group_ids)
+    return merge_scores(rewards, score_part(rewards, samples, prompts, policy), group_ids)
 
 
 def score_part(
