@@ -134,20 +134,19 @@ def test_binding_beyond_loopback_needs_a_token() -> None:
 # ------------------------------------------------------------------- the quickstart, served
 
 
-def _quickstart(tmp_path: Path, name: str, rewards: list[dict]):
-    from dancecore.config.schema import apply_overrides, load_yaml_file, validate
+def _quickstart(tmp_path: Path, recipe: str, *extra: str):
+    from dancecore.config.schema import load_run
 
-    data = load_yaml_file(ROOT / "configs" / "quickstart.yaml")
-    data["rewards"] = rewards
     overrides = [
-        f"output_dir={tmp_path / name}",
+        f"output_dir={tmp_path / Path(recipe).stem}",
         "train.iterations=2",
         "logging.progress_bar=false",
         "logging.tensorboard=false",
         "train.checkpoint_every=1000",
         "train.sample_every=0",
+        *extra,
     ]
-    return validate(apply_overrides(data, overrides))
+    return load_run(ROOT / "configs" / recipe, overrides)
 
 
 def _metrics(run) -> list[dict]:
@@ -161,10 +160,10 @@ def test_the_quickstart_trains_through_a_served_reward_with_the_local_metrics(
 ) -> None:
     from dancecore.training.trainer import Trainer
 
-    local = _quickstart(tmp_path, "local", [{"name": "brightness"}])
-    remote = _quickstart(
-        tmp_path, "remote", [{"name": "remote", "label": "brightness", "url": server.url, "reward": "brightness"}]
-    )
+    local = _quickstart(tmp_path, "quickstart.yaml")
+    # the bundled recipe: brightness served by `dancecore serve-reward`, scored while the rollout goes on
+    remote = _quickstart(tmp_path, "serving/quickstart-remote.yaml", f"rewards[0].url={server.url}")
+    assert remote.config.train.overlap_reward and remote.rewards[0].name == "remote"
     assert Trainer(local).train() == "finished"
     assert Trainer(remote).train() == "finished"
     expected, got = _metrics(local), _metrics(remote)
