@@ -175,3 +175,19 @@ def test_the_remote_reward_honours_the_reward_contract(server: RewardServer) -> 
     from dancecore.testing import check_reward_plugin
 
     check_reward_plugin("remote", {"url": server.url, "reward": "jpeg-compressibility"})
+
+
+def test_the_served_reward_kit_passes_a_builtin_and_catches_a_difference() -> None:
+    from dancecore.testing import check_served_reward
+
+    assert check_served_reward(LOCAL["grey"]).shape == (4,)
+
+    class CountsCalls:  # a different answer on every call: served != local
+        calls = 0
+
+        def score(self, samples, prompts):
+            self.calls += 1
+            return torch.full((samples.shape[0],), float(self.calls))
+
+    with pytest.raises(AssertionError, match="differ from local scores"):
+        check_served_reward(CountsCalls())

@@ -23,7 +23,8 @@ policies for tests (no diffusers, no download). Importing this package imports n
 nor transformers.
 
 Modules: :mod:`~dancecore.testing.kits` (the conformance checks),
-:mod:`~dancecore.testing.tiny_policy` (the tiny policies), :mod:`~dancecore.testing.helpers`.
+:mod:`~dancecore.testing.tiny_policy` (the tiny policies), :mod:`~dancecore.testing.helpers`,
+:mod:`~dancecore.testing.serving_kit` (``serve_rewards``, ``check_served_reward``: a reward over HTTP).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dancecore.registry import load as load_plugin
 from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, sample_images
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
 from dancecore.testing.reward_kit import check_reward_plugin
+from dancecore.testing.serving_kit import check_served_reward, serve_rewards
 from dancecore.testing.tiny_policy import TinyConditioning, TinyEpsilonPolicy, TinyFlowPolicy
 from dancecore.training.prompts import read_prompt_file
 
@@ -48,6 +50,7 @@ __all__ = [
     "check_policy_plugin",
     "check_reward_plugin",
     "check_sampler_plugin",
+    "check_served_reward",
     "contract_problems",
     "group_advantages",
     "load_plugin",
@@ -55,6 +58,7 @@ __all__ = [
     "prompt_batch",
     "read_prompt_file",
     "sample_images",
+    "serve_rewards",
     "trainable_steps",
     "validate",
     "write_video",
