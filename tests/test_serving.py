@@ -191,3 +191,16 @@ def test_the_served_reward_kit_passes_a_builtin_and_catches_a_difference() -> No
 
     with pytest.raises(AssertionError, match="differ from local scores"):
         check_served_reward(CountsCalls())
+
+
+def test_half_precision_pixels_reach_the_reward_as_sent() -> None:
+    from dancecore.testing import check_served_reward
+
+    class SeesDtype:  # 1.0 for bfloat16 pixels, 2.0 for float16, 0.0 otherwise
+        def score(self, samples, prompts):
+            code = {torch.bfloat16: 1.0, torch.float16: 2.0}.get(samples.dtype, 0.0)
+            return torch.full((samples.shape[0],), code)
+
+    for dtype, code in ((torch.bfloat16, 1.0), (torch.float16, 2.0), (torch.float32, 0.0)):
+        scores = check_served_reward(SeesDtype(), torch.rand(2, 3, 8, 8).to(dtype))
+        assert scores.tolist() == [code, code]

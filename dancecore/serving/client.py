@@ -92,7 +92,9 @@ class RemoteReward:
     def _encode(self, samples: torch.Tensor, prompts: Sequence[str]) -> tuple[bytes, str]:
         if self.config.encoding == "png":
             return protocol.encode_json(samples, prompts), protocol.JSON_TYPE
-        return protocol.encode_safetensors(samples.float(), prompts), protocol.SAFETENSORS_TYPE
+        if samples.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            samples = samples.float()
+        return protocol.encode_safetensors(samples, prompts), protocol.SAFETENSORS_TYPE
 
     def _attempt(self, body: bytes, content_type: str, batch: int, remaining: float) -> torch.Tensor:
         """One POST; raises :class:`Retry` for what another attempt may fix, RemoteRewardError otherwise."""

@@ -45,7 +45,7 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """A decoded score request: pixels in [0, 1] (float32, CPU) and one prompt per sample."""
+    """A decoded score request: pixels in [0, 1] (float, CPU; uint8 is converted to float32) and one prompt per sample."""
 
     pixels: torch.Tensor
     prompts: list[str]
@@ -73,7 +73,7 @@ def _check_pixels(pixels: torch.Tensor) -> torch.Tensor:
         raise ProtocolError(f"pixels of dtype {pixels.dtype} are not supported (float32, float16, bfloat16, uint8)")
     if pixels.dtype == torch.uint8:
         return pixels.float() / 255.0
-    return pixels.float()
+    return pixels  # float32/16/bf16 as sent: the reward sees what it would see locally
 
 
 # ------------------------------------------------------------------------------ safetensors

@@ -77,8 +77,9 @@ class _Job:
         return int(self.request.pixels.shape[0])
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.request.pixels.shape[1:])
+    def shape(self) -> tuple[object, ...]:
+        """What requests batched together must share: sample shape and dtype."""
+        return (*self.request.pixels.shape[1:], self.request.pixels.dtype)
 
 
 def score_in_chunks(reward: ServedReward, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -151,11 +152,11 @@ class Batcher:
             jobs = await self._next_batch()
             if not jobs:
                 continue
-            pixels = torch.cat([j.request.pixels for j in jobs])
             prompts = [p for j in jobs for p in j.request.prompts]
             self.batches += 1
             self.requests += len(jobs)
             try:
+                pixels = torch.cat([j.request.pixels for j in jobs])
                 scores = await loop.run_in_executor(self.reward.executor, score_in_chunks, self.reward, pixels, prompts)
             except Exception as exc:  # the reward's own failure, reported to every request of the batch
                 for job in jobs:
