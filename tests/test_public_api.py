@@ -106,6 +106,7 @@ ALLOWED_IMPORTS = {
     "builtins": {"builtins", "functional", "contracts", "plugin_kit", "errors"},
     "checkpoint": {"checkpoint", "errors"},
     "outputs": {"outputs", "contracts", "errors"},
+    "serving": {"serving", "contracts", "errors", "registry", "config", "dancecore"},
 }
 
 

@@ -144,6 +144,12 @@ class TrainConfig(StrictModel):
     max_nonfinite_updates: int = Field(3, ge=1, description="Abort after this many non-finite updates in a row.")
     ema: EmaConfig | None = Field(None, description="Keep an EMA of the trained weights (used by eval when present).")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (CPU).")
+    overlap_reward: bool = Field(
+        False,
+        description="Decode and score each micro-batch in a background thread as soon as it is rolled out, "
+        "while the rest of the rollout goes on (for slow or remote rewards; the rewards must score each sample "
+        "independently of its batch). docs/serving.md",
+    )
     compile: bool = Field(
         False,
         description="torch.compile the policy's trainable network in place (names and checkpoints unchanged); "

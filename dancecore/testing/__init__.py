@@ -25,6 +25,7 @@ nor transformers.
 Modules: :mod:`~dancecore.testing.kits` (the conformance checks),
 :mod:`~dancecore.testing.tiny_policy` (the tiny policies), :mod:`~dancecore.testing.helpers`,
 :mod:`~dancecore.testing.pipelines` (the deterministic rollout, for pipeline-equivalence tests).
+:mod:`~dancecore.testing.serving_kit` (``serve_rewards``, ``check_served_reward``: a reward over HTTP).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_b
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
 from dancecore.testing.pipelines import DeterministicRollout, deterministic_rollout
 from dancecore.testing.reward_kit import check_reward_plugin
+from dancecore.testing.serving_kit import check_served_reward, serve_rewards
 from dancecore.testing.tiny_policy import TinyConditioning, TinyEpsilonPolicy, TinyFlowPolicy
 from dancecore.training.prompts import read_prompt_file
 
@@ -53,6 +55,7 @@ __all__ = [
     "check_policy_plugin",
     "check_reward_plugin",
     "check_sampler_plugin",
+    "check_served_reward",
     "contract_problems",
     "deterministic_rollout",
     "group_advantages",
@@ -62,6 +65,7 @@ __all__ = [
     "read_prompt_file",
     "recipe_overrides",
     "sample_images",
+    "serve_rewards",
     "trainable_steps",
     "validate",
     "write_video",

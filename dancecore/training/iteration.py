@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dancecore.contracts.records import PromptBatch, Rollout
+from dancecore.contracts.records import Prompt, PromptBatch, Rollout
 from dancecore.errors import RewardFailure
 from dancecore.training import sampling
+from dancecore.training.overlap import OverlappedScoring
 from dancecore.training.scoring import ScoringResult, score_samples
 from dancecore.training.services import CoreServices
 
@@ -47,19 +49,32 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
     with trainer.timed("encode"):
         cond = trainer.policy.encode_prompts(PromptBatch(tuple(prompts)))
 
-    # 3. rollout
+    # 3. rollout (with train.overlap_reward, each micro-batch is decoded and scored as soon as it is done)
     schedule = trainer.sampler.schedule()
     stochastic = sampling.stochastic_mask(trainer.sampler, schedule.num_steps, draw)
-    with trainer.timed("rollout"):
-        traj = trainer.rollout(draw, cond, schedule, stochastic)
+    overlap = overlapped_scoring(trainer, prompts) if cfg.train.overlap_reward else None
+    try:
+        with trainer.timed("rollout"):
+            traj = trainer.rollout(draw, cond, schedule, stochastic, overlap.on_micro_batch if overlap else None)
+    except BaseException:
+        if overlap is not None:
+            overlap.close()
+        raise
 
     # 4. decode
     with trainer.timed("decode"):
-        pixels = sampling.decode(trainer.policy, traj.final, cfg.train.micro_batch_size)
+        pixels = (
+            overlap.decoded() if overlap else sampling.decode(trainer.policy, traj.final, cfg.train.micro_batch_size)
+        )
 
     # 5. reward
     texts = [prompts[int(r)].text for r in traj.prompt_rows]
-    scored = score_on_every_rank(trainer, pixels, texts, traj.group_ids)
+    if overlap is not None:
+        scored = score_on_every_rank(trainer, lambda: overlap.result(traj.group_ids))
+    else:
+        scored = score_on_every_rank(
+            trainer, lambda: score_samples(trainer.rewards, pixels, texts, traj.group_ids, cfg.reward_failure)
+        )
 
     # 6. train
     rollout = Rollout(traj, scored.scores, scored.keep, cond, schedule, stochastic, draw)
@@ -89,15 +104,23 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
     return record
 
 
-def score_on_every_rank(
-    trainer: Trainer, pixels: torch.Tensor, texts: list[str], group_ids: torch.Tensor
-) -> ScoringResult:
+def overlapped_scoring(trainer: Trainer, prompts: list[Prompt]) -> OverlappedScoring:
+    """Scoring of each micro-batch as soon as it is rolled out (sample row r has prompt r // G)."""
+    g = trainer.group_size
+
+    def texts(rows: slice) -> list[str]:
+        return [prompts[r // g].text for r in range(rows.start, rows.stop)]
+
+    return OverlappedScoring(trainer.policy, trainer.rewards, texts, trainer.cfg.reward_failure)
+
+
+def score_on_every_rank(trainer: Trainer, score: Callable[[], ScoringResult]) -> ScoringResult:
     """Score under the reward-failure policy; a failure on any rank stops every rank together."""
     failure: RewardFailure | None = None
     scored: ScoringResult | None = None
     try:
         with trainer.timed("reward"):
-            scored = score_samples(trainer.rewards, pixels, texts, group_ids, trainer.cfg.reward_failure)
+            scored = score()
     except RewardFailure as exc:
         failure = exc
         trainer.state.counters["reward_failures"] += 1

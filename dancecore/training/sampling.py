@@ -87,12 +87,16 @@ def grouped_rollout(
     schedule: Schedule,
     stochastic: torch.Tensor,
     shared_noise: bool = True,
+    on_micro_batch: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> Trajectory:
     """Sample a group of ``group_size`` trajectories per prompt; each group shares its initial noise
     (``shared_noise``, DanceGRPO) or each sample draws its own.
 
     ``prompt_ids`` are the global positions (within the iteration) of this rank's prompts; they and
     ``draw`` key the initial noise and every sample's SDE noise, so ranks and resumes agree.
+    ``on_micro_batch(rows, final)``, when given, is called as soon as each micro-batch is done
+    with its rows and their final clean latents (CPU), e.g. to decode and score them while the
+    next micro-batches roll out.
     """
     g = group_size
     sample_ids = torch.tensor([pid * g + j for pid in prompt_ids for j in range(g)])
@@ -132,6 +136,8 @@ def grouped_rollout(
             saved_latents[i + 1].copy_(real_rows(x, real))
             saved_log_probs[i].copy_(real_rows(out.log_prob, real))
         final[rows] = real_rows(decoded_latents(sampler, out), real).cpu()
+        if on_micro_batch is not None:
+            on_micro_batch(rows, final[rows])
     return Trajectory(
         latents=latents,
         log_probs=log_probs,

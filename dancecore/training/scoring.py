@@ -149,7 +149,9 @@ def _score_one(
                 failures += int(not bool(finite.all()))
                 return values, finite, failures
             bad = int((~finite).sum())
-            raise RewardFailure(reward.name, f"returned {bad} non-finite score(s) of {batch}", reward.plugin)
+            origin = getattr(reward.component, "source", None)  # e.g. a remote reward's URL
+            where = f" (from {origin})" if isinstance(origin, str) else ""
+            raise RewardFailure(reward.name, f"returned {bad} non-finite score(s) of {batch}{where}", reward.plugin)
         except RewardFailure as exc:
             last = exc
         except TimeoutError as exc:
@@ -178,17 +180,49 @@ def score_samples(
     returned scores cover only the kept samples (``keep`` indexes them), so NaN never reaches an
     advantage.
     """
-    rows: list[torch.Tensor] = []
-    finite_all = torch.ones(samples.shape[0], dtype=torch.bool)
+    return merge_scores(rewards, score_part(rewards, samples, prompts, policy), group_ids)
+
+
+def score_part(
+    rewards: Sequence[NamedReward], samples: torch.Tensor, prompts: Sequence[str], policy: RewardFailureConfig
+) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Scores, finite masks and failed calls of every reward on one part of the samples (a
+    micro-batch); :func:`merge_parts` joins the parts. Raises :class:`RewardFailure` as
+    :func:`score_samples` does."""
+    return [_score_one(reward, samples, prompts, policy) for reward in rewards]
+
+
+def merge_parts(
+    rewards: Sequence[NamedReward],
+    parts: Sequence[list[tuple[torch.Tensor, torch.Tensor, int]]],
+    group_ids: torch.Tensor,
+) -> ScoringResult:
+    """The result of scoring the concatenation of the parts (in order) at once."""
+    joined = [
+        (
+            torch.cat([part[k][0] for part in parts]),
+            torch.cat([part[k][1] for part in parts]),
+            sum(part[k][2] for part in parts),
+        )
+        for k in range(len(rewards))
+    ]
+    return merge_scores(rewards, joined, group_ids)
+
+
+def merge_scores(
+    rewards: Sequence[NamedReward],
+    per_reward: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+    group_ids: torch.Tensor,
+) -> ScoringResult:
+    """Drop the groups holding a non-finite score of any reward; count failures and dropped groups."""
+    finite_all = torch.ones(group_ids.shape[0], dtype=torch.bool)
     failures = 0
-    for reward in rewards:
-        values, finite, failed = _score_one(reward, samples, prompts, policy)
-        rows.append(values)
+    for _, finite, failed in per_reward:
         finite_all &= finite
         failures += failed
     bad_groups = torch.unique(group_ids[~finite_all])
     keep = torch.nonzero(~torch.isin(group_ids, bad_groups)).flatten()
-    values = torch.stack(rows)[:, keep]
+    values = torch.stack([values for values, _, _ in per_reward])[:, keep]
     assert bool(torch.isfinite(values).all())
     scores = RewardScores(names=tuple(r.name for r in rewards), weights=tuple(r.weight for r in rewards), values=values)
     return ScoringResult(scores=scores, keep=keep, dropped_groups=int(bad_groups.numel()), failures=failures)

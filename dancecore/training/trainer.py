@@ -189,7 +189,14 @@ class Trainer:
         """Which steps the sampler takes stochastically this iteration (all, unless it has a window)."""
         return sampling.stochastic_mask(self.sampler, num_steps, iteration)
 
-    def rollout(self, draw: int, cond: Any, schedule: Schedule, stochastic: torch.Tensor) -> Trajectory:
+    def rollout(
+        self,
+        draw: int,
+        cond: Any,
+        schedule: Schedule,
+        stochastic: torch.Tensor,
+        on_micro_batch: Callable[[slice, torch.Tensor], None] | None = None,
+    ) -> Trajectory:
         """G trajectories per prompt of this rank (see :func:`~dancecore.training.sampling.grouped_rollout`)."""
         return sampling.grouped_rollout(
             self.policy,
@@ -203,6 +210,7 @@ class Trainer:
             schedule=schedule,
             stochastic=stochastic,
             shared_noise=bool(getattr(self.algorithm, "shared_noise", True)),
+            on_micro_batch=on_micro_batch,
         )
 
     def reference_policy(self) -> ReferencePolicy:

@@ -249,3 +249,10 @@ def test_passes_the_dancecore_conformance_kit():
     from dancecore.testing import check_reward_plugin
 
     check_reward_plugin("hps-v2.1", {"preset": "tiny"})
+
+
+def test_served_over_http_it_scores_exactly_as_locally(reward: HPSv21) -> None:
+    from dancecore.testing import check_served_reward
+
+    scores = check_served_reward(reward, torch.stack(_images([(40, 48)] * 5, seed=3)))
+    assert scores.shape == (5,)
