@@ -9,7 +9,7 @@ from dancecore_hunyuanvideo.t2v import HunyuanVideoConditioning, HunyuanVideoPol
 from pydantic import ValidationError
 
 from dancecore import Prompt, PromptBatch, WeightsNotFoundError, select_rows
-from dancecore.testing import check_policy_plugin
+from dancecore.testing import check_attention_backends, check_policy_plugin
 
 
 def _noise(policy, n: int, seed: int = 0) -> torch.Tensor:
@@ -212,3 +212,8 @@ def test_memory_options_keep_results(t2v, prompts):
         first = lean.predict(latents, SIGMAS, cond)
         torch.testing.assert_close(v.float(), t2v.predict(latents, SIGMAS, reference), rtol=0.1, atol=0.1)
     assert torch.equal(v, first)
+
+
+def test_sdpa_and_native_attention_train_alike(tmp_path):
+    """Dispatcher blocks and the token refiner's classic layers both switch; rho == 1; the same metrics."""
+    check_attention_backends("hunyuanvideo", {"preset": "tiny"}, tmp_path)

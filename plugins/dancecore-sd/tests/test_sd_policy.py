@@ -8,7 +8,7 @@ from dancecore_sd.policy import SDConditioning, StableDiffusionPolicy, tiny_sd_d
 from pydantic import ValidationError
 
 from dancecore import Prompt, PromptBatch, WeightsNotFoundError, select_rows
-from dancecore.testing import check_policy_plugin
+from dancecore.testing import check_attention_backends, check_policy_plugin
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,13 @@ def test_wrong_timestep_shape_is_an_error(policy, prompts):
     cond = policy.encode_prompts(prompts)
     with pytest.raises(ValueError, match="timesteps"):
         policy.predict(_noise(policy, 3), torch.tensor([1, 2]), cond)
+
+
+def test_sdpa_and_native_attention_train_alike(tmp_path):
+    """The UNet's classic processors switch (SDPA vs its math kernel), rho == 1 under each, the same metrics."""
+    check_attention_backends("sd", {"preset": "tiny"}, tmp_path)
+
+
+def test_flash_attention_is_not_offered():
+    with pytest.raises(ValidationError, match="not offered by this policy"):
+        StableDiffusionPolicy.Config(preset="tiny", attention_backend="flash")
