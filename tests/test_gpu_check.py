@@ -24,7 +24,8 @@ def test_tiny_path_measures_every_step_and_writes_the_report(tmp_path):
     assert json.loads((tmp_path / "gpu.json").read_text()) == report
     rows = {(r["workload"], r["step"]): r for r in report["rows"]}
     for w in WORKLOADS:
-        for step in ("rollout", "train", "train+ckpt", "attention:sdpa", "attention:native"):
+        steps = ("rollout", "train", "train+ckpt", "attention:sdpa", "attention:native", "attention:native train+ckpt")
+        for step in steps:
             row = rows[(w.name, step)]
             assert row["status"] == "ok" and row["seconds"] > 0 and row["tflop"] > 0, row
         # The counter sees the backward pass: about twice the forward's FLOPs on top of it.

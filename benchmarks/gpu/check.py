@@ -147,7 +147,7 @@ class Check:
         except torch.OutOfMemoryError:  # the rollout call itself does not fit
             self.rows.append(Row(w.name, "rho", status="OOM"))
             free(self.device, collect=True)
-        self._backends(w, module, inputs, flops_rollout)
+        self._backends(w, module, inputs, (flops_rollout, flops_train))
         del module, inputs
         free(self.device, collect=True)
 
@@ -162,39 +162,60 @@ class Check:
     def _measure(self, row: Row, fn: Any, flops: int | None) -> Row:
         return measure(row, fn, self.device, self.repeats, flops, self.peak)
 
-    def _backends(self, w: Workload, module: torch.nn.Module, inputs: dict[str, Any], flops: int | None) -> None:
-        """The rollout step under each attention backend the policy offers; max |diff| vs sdpa."""
-        from dancecore import ATTENTION_BACKENDS, apply_attention_backend, attention_backend_problem, load_plugin
+    def _backends(self, w: Workload, module: torch.nn.Module, inputs: dict[str, Any], flops: tuple[int, int]) -> None:
+        """The rollout step and the checkpointed training step under each attention backend the
+        policy offers, side by side; the note has the prediction's max |diff| from sdpa's."""
+        from dancecore import ATTENTION_BACKENDS, attention_backend_problem, load_plugin
 
         offered = load_plugin("policy", w.policy).Config.attention_backends
-        with torch.no_grad():
-            reference = call(module, inputs).float()
+        try:
+            with torch.no_grad():
+                reference = call(module, inputs).float()
+        except torch.OutOfMemoryError:
+            self.rows.append(Row(w.name, "attention:*", status="OOM"))
+            free(self.device, collect=True)
+            return
         rows = w.sizes(self.tiny)["rows"]
         for backend in ATTENTION_BACKENDS:
-            row = Row(w.name, f"attention:{backend}")
             problem = attention_backend_problem(backend, offered)
             if backend == "native" and score_bytes(w, module, tokens(w, self.tiny), rows) > NATIVE_SCORE_LIMIT:
                 problem = "the math kernel's score tensor would exceed 8 GiB per layer at this size"
             if problem:
-                row.status = f"skipped: {problem}"
-                self.rows.append(row)
+                self.rows.append(Row(w.name, f"attention:{backend}", status=f"skipped: {problem}"))
                 continue
+            self.rows.extend(self._backend_rows(w, module, inputs, flops, backend, reference))
+
+    def _backend_rows(
+        self,
+        w: Workload,
+        module: torch.nn.Module,
+        inputs: dict[str, Any],
+        flops: tuple[int, int],
+        backend: str,
+        reference: torch.Tensor,
+    ) -> list[Row]:
+        from dancecore import apply_attention_backend
+
+        rollout, train = Row(w.name, f"attention:{backend}"), Row(w.name, f"attention:{backend} train+ckpt")
+        try:
             apply_attention_backend(module, backend)
-            try:
-                with torch.no_grad():
-                    diff = float((call(module, inputs).float() - reference).abs().max())
-                row.note = f"max|diff| vs sdpa {diff:.3g}"
-                self.backends.append({"workload": w.name, "backend": backend, "max_abs_diff_vs_sdpa": diff})
-                self.rows.append(self._measure(row, rollout_step(module, inputs), flops))
-            except torch.OutOfMemoryError:
-                row.status = "OOM"
-                self.rows.append(row)
-            except (RuntimeError, ValueError, NotImplementedError) as exc:  # a kernel refusing these inputs
-                row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                self.rows.append(row)
-            finally:
-                apply_attention_backend(module, "sdpa")
-                free(self.device)
+            with torch.no_grad():
+                diff = float((call(module, inputs).float() - reference).abs().max())
+            rollout.note = f"max|diff| vs sdpa {diff:.3g}"
+            self.backends.append({"workload": w.name, "backend": backend, "max_abs_diff_vs_sdpa": diff})
+            self._measure(rollout, rollout_step(module, inputs), flops[0])
+            set_checkpointing(module, True)
+            self._measure(train, train_step(module, inputs), flops[1])
+        except torch.OutOfMemoryError:
+            rollout.status = "OOM" if rollout.seconds is None else rollout.status
+            train.status = "OOM"
+        except (RuntimeError, ValueError, NotImplementedError) as exc:  # a kernel refusing these inputs
+            rollout.status = train.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        finally:
+            set_checkpointing(module, False)
+            apply_attention_backend(module, "sdpa")
+            free(self.device)
+        return [rollout, train]
 
     # ------------------------------------------------------------------------------ end to end
 

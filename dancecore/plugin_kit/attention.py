@@ -7,7 +7,8 @@ One option, four values:
 - ``native``: the reference. torch's math kernel (an explicit softmax(QK^T)V in plain ops) in every
   attention layer of the trained network, and ``eager`` attention in the frozen transformers text
   encoders.
-- ``xformers``: xformers' memory-efficient kernel (CUDA, ``pip install 'dancecore[xformers]'``).
+- ``xformers``: xformers' memory-efficient kernel (CUDA, ``pip install 'dancecore[xformers]'``);
+  HunyuanVideo's token refiner (text tokens only) stays on SDPA.
 - ``flash``: flash-attn 2 through diffusers' dispatcher (CUDA, ``pip install 'dancecore[flash]'``),
   on networks whose attention has no mask.
 
@@ -94,7 +95,7 @@ def apply_attention_backend(module: torch.nn.Module, backend: str) -> torch.nn.M
 
         # set_attention_backend also makes its backend diffusers' process-wide default; the context
         # manager puts the previous default back, so other models in the process are unaffected.
-        # Its "experimental feature" warning is logged on every call; it says nothing a dancecore user must act on.
+        # Its "experimental feature" warning, logged on every call, asks nothing of a dancecore user.
         log = logging.getLogger("diffusers.models.modeling_utils")
         level = log.level
         log.setLevel(logging.ERROR)
@@ -103,6 +104,11 @@ def apply_attention_backend(module: torch.nn.Module, backend: str) -> torch.nn.M
                 module.set_attention_backend(_DISPATCHER_NAMES[backend])  # type: ignore[operator]
         finally:
             log.setLevel(level)
+    if dispatched and backend == "xformers":
+        # Classic layers beside dispatched ones are auxiliary (HunyuanVideo's token refiner, on the
+        # text tokens only, with a 4-d boolean mask the classic xformers processor does not take):
+        # they keep SDPA. attention_backend_of() then reports 'mixed'.
+        classic = []
     if classic and backend in _CLASSIC_PROCESSORS:
         from diffusers.models import attention_processor
 
@@ -144,11 +150,14 @@ class MathKernelAttnProcessor:
 
 
 def attention_backend_of(module: torch.nn.Module) -> str:
-    """The dancecore backend name every attention layer of ``module`` runs, or ``'mixed'``.
+    """The dancecore backend name every attention layer of ``module`` runs, ``'mixed'``, or
+    ``'none'`` for a module without diffusers attention layers.
 
     Reads the processors back, so tests and the GPU check can see what actually runs.
     """
     names = {_backend_of_processor(p) for p in _processors(module)}
+    if not names:
+        return "none"
     return names.pop() if len(names) == 1 else "mixed"
 
 
