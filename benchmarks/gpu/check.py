@@ -1,6 +1,6 @@
 """``make gpu-check``: real-size FLUX.1, SD1.4 and HunyuanVideo networks on one GPU, no downloads.
 
-    python -m benchmarks.gpu              # real size on CUDA (under 10 minutes on one H100-class GPU)
+    python -m benchmarks.gpu              # real size on CUDA (sized for under 10 minutes on one H100-class GPU)
     python -m benchmarks.gpu --tiny       # the same code at tiny size (CPU, fp32): what CI runs
     python -m benchmarks.gpu --only flux --repeats 5
     python -m benchmarks.gpu --dry-run    # real size on the meta device: shapes and FLOPs (CPU, ~2 min)
