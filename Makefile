@@ -8,7 +8,7 @@ PIP := $(BIN)/pip
 TORCH := torch==2.14.1 torchvision==0.29.1
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 
-.PHONY: quickstart test install install-dev bench lint docs clean
+.PHONY: quickstart test install install-dev bench gpu-check lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.run
+
+# Real-size FLUX.1 / SD1.4 / HunyuanVideo networks on one GPU, no downloads (docs/performance.md).
+gpu-check: $(VENV)/.installed-dev
+	$(BIN)/nox -s gpu
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/nox -s lint

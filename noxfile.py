@@ -19,7 +19,17 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session(venv_backend="none")
 def core(session: nox.Session) -> None:
     """The core: math, config, registry, trainer, CLI, docs freshness, fault injection."""
-    session.run(sys.executable, "-m", "pytest", "tests", "-q", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", "tests", "-q", "-m", "not gpu", *session.posargs)
+
+
+@nox.session(venv_backend="none", default=False)
+def gpu(session: nox.Session) -> None:
+    """make gpu-check: real-size networks on one GPU, then the tests marked gpu (not in the default run).
+
+    Writes the table to benchmarks/results/gpu-<device>.json; without CUDA it runs the tiny CPU path
+    and says so (CI runs that path in the core session, tests/test_gpu_check.py)."""
+    session.run(sys.executable, "-m", "benchmarks.gpu", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", "tests", "-q", "-m", "gpu", "-rs")
 
 
 @nox.session(venv_backend="none")

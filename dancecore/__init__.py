@@ -48,6 +48,12 @@ _EXPORTS: dict[str, str] = {
     "prepare_trainable": "dancecore.plugin_kit.network",
     # export to diffusers
     "flow_match_scheduler": "dancecore.plugin_kit.export",
+    # attention kernels
+    "ATTENTION_BACKENDS": "dancecore.plugin_kit.attention",
+    "apply_attention_backend": "dancecore.plugin_kit.attention",
+    "attention_backend_of": "dancecore.plugin_kit.attention",
+    "attention_backend_problem": "dancecore.plugin_kit.attention",
+    "encoder_attention": "dancecore.plugin_kit.attention",
     # weights and tiny presets
     "resolve_pretrained": "dancecore.plugin_kit.weights",
     "plugin_weights": "dancecore.plugin_kit.weights",
@@ -145,6 +151,13 @@ if TYPE_CHECKING:  # static checkers see the real names
     )
     from dancecore.functional.seeding import derive_seed, generator
     from dancecore.hooks import hookimpl
+    from dancecore.plugin_kit.attention import (
+        ATTENTION_BACKENDS,
+        apply_attention_backend,
+        attention_backend_of,
+        attention_backend_problem,
+        encoder_attention,
+    )
     from dancecore.plugin_kit.export import flow_match_scheduler
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames

@@ -74,3 +74,17 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: without it they are skipped, saying so."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run `make gpu-check` on a GPU machine")
+    for item in gpu_tests:
+        item.add_marker(skip)

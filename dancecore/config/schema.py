@@ -348,6 +348,9 @@ def validate(data: dict[str, Any], source: str | None = None, base: Path | None 
                 f"sampler.name: sampler {sampler.name!r} expects {given!r} predictions "
                 f"but policy {policy.name!r} predicts {wanted!r}"
             )
+    backend = getattr(policy.config, "attention_backend", None) if policy else None
+    if backend in ("xformers", "flash") and config.train.device == "cpu":
+        errors.append(f"policy.attention_backend: {backend!r} needs CUDA, but train.device is 'cpu'")
     if errors:
         raise ConfigError(errors, source)
     assert policy and sampler and algorithm and all(rewards) and all(eval_rewards)

@@ -1,16 +1,23 @@
-"""Options shared by policy plugins: LoRA adapters, gradient checkpointing, weight dtypes.
+"""Options shared by policy plugins: LoRA adapters, gradient checkpointing, weight dtypes, the
+attention kernel (:mod:`dancecore.plugin_kit.attention`).
 
 peft is imported only when LoRA is switched on.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dancecore.contracts.component import ComponentConfig
+from dancecore.plugin_kit.attention import (
+    ATTENTION_BACKENDS,
+    AttentionBackend,
+    apply_attention_backend,
+    attention_backend_problem,
+)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,13 +41,32 @@ class NetworkOptions(ComponentConfig):
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the frozen parts (VAE, text encoders)."
     )
+    attention_backend: AttentionBackend = Field(
+        "sdpa",
+        description="Attention kernel of the trained network (and, for 'native', the text encoders): 'sdpa' "
+        "(torch's fused kernels), 'native' (the math reference), 'xformers' or 'flash' (CUDA only; "
+        "pip install 'dancecore[xformers]' / 'dancecore[flash]'). Rollout and training use the same one.",
+    )
+
+    #: The backends the policy's networks offer; a policy narrows it (e.g. no 'flash' with masked attention).
+    attention_backends: ClassVar[tuple[str, ...]] = ATTENTION_BACKENDS
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _attention_backend_runs_here(cls, value: str) -> str:
+        problem = attention_backend_problem(value, cls.attention_backends)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 def prepare_trainable(module: torch.nn.Module, options: NetworkOptions) -> torch.nn.Module:
-    """Switch on gradient checkpointing and LoRA as configured; return the (same) module.
+    """Switch on the attention backend, gradient checkpointing and LoRA as configured; return the
+    (same) module.
 
     With LoRA only the adapter weights require grad; otherwise every weight does.
     """
+    apply_attention_backend(module, options.attention_backend)
     if options.gradient_checkpointing:
         module.enable_gradient_checkpointing()  # type: ignore[operator]  # diffusers ModelMixin
     if options.lora is None:

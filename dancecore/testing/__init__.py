@@ -35,6 +35,7 @@ from dancecore.functional.grpo import group_advantages, trainable_steps
 from dancecore.outputs.video import write_video
 from dancecore.registry import contract_problems
 from dancecore.registry import load as load_plugin
+from dancecore.testing.attention_kit import check_attention_backends
 from dancecore.testing.export_kit import check_diffusers_export
 from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, recipe_overrides, sample_images
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
@@ -52,6 +53,7 @@ __all__ = [
     "TinyFlowPolicy",
     "build_component",
     "check_diffusers_export",
+    "check_attention_backends",
     "check_policy_plugin",
     "check_reward_plugin",
     "check_sampler_plugin",

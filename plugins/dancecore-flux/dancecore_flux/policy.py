@@ -22,6 +22,7 @@ from dancecore import (
     DiffusersExport,
     NetworkOptions,
     PromptBatch,
+    encoder_attention,
     flow_match_scheduler,
     materialise,
     prepare_trainable,
@@ -70,10 +71,11 @@ class FluxPolicy:
         root = tiny_flux_dir() if config.preset == "tiny" else resolve_pretrained(config.pretrained or "", "FLUX")
         frozen = DTYPES[config.frozen_dtype]
         load = {"local_files_only": True}
+        encoders = {**load, **encoder_attention(config.attention_backend)}
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", **load)
         self.tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", **load)
-        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=frozen, **load)
-        self.text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", torch_dtype=frozen, **load)
+        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=frozen, **encoders)
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", torch_dtype=frozen, **encoders)
         self.vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=frozen, **load)
         transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch.float32, **load)
         for frozen_module in (self.text_encoder, self.text_encoder_2, self.vae):

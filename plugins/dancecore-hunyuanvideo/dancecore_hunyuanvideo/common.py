@@ -27,6 +27,7 @@ from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
     NetworkOptions,
+    encoder_attention,
     flow_match_scheduler,
     materialise,
     prepare_trainable,
@@ -47,6 +48,10 @@ TIMESTEP_SCALE = 1000.0
 class HunyuanVideoOptions(NetworkOptions):
     """Options common to the HunyuanVideo-architecture policies (the size defaults depend on the
     preset and the backbone, so ``None`` means "the backbone's default")."""
+
+    # The transformer masks the text padding in every attention call; diffusers' flash-attn 2 backend
+    # refuses masks, so 'flash' is not offered.
+    attention_backends = ("sdpa", "native", "xformers")
 
     pretrained: str | None = Field(None, description="Local diffusers directory or cached HF repo id.")
     preset: Literal["tiny"] | None = Field(None, description="'tiny': random-init model for tests and CPU.")
@@ -166,10 +171,11 @@ class HunyuanVideoBackbone:
         self.device = device
         frozen = DTYPES[options.frozen_dtype]
         load = {"local_files_only": True}
+        encoders = {**load, **encoder_attention(options.attention_backend)}
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", **load)
         self.tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2", **load)
-        self.text_encoder = LlamaModel.from_pretrained(root / "text_encoder", torch_dtype=frozen, **load)
-        self.text_encoder_2 = CLIPTextModel.from_pretrained(root / "text_encoder_2", torch_dtype=frozen, **load)
+        self.text_encoder = LlamaModel.from_pretrained(root / "text_encoder", torch_dtype=frozen, **encoders)
+        self.text_encoder_2 = CLIPTextModel.from_pretrained(root / "text_encoder_2", torch_dtype=frozen, **encoders)
         self.vae = AutoencoderKLHunyuanVideo.from_pretrained(root / "vae", torch_dtype=frozen, **load)
         transformer_dir = root / "transformer" if transformer_root is None else transformer_root
         transformer = HunyuanVideoTransformer3DModel.from_pretrained(

@@ -13,7 +13,7 @@ from dancecore_hunyuanvideo.skyreels_i2v import (
 from pydantic import ValidationError
 
 from dancecore import Prompt, PromptBatch, select_rows
-from dancecore.testing import check_policy_plugin
+from dancecore.testing import check_attention_backends, check_policy_plugin
 
 SIGMAS = torch.tensor([1.0, 0.6, 0.1])
 
@@ -296,3 +296,12 @@ def test_deterministic_rollout_equals_the_diffusers_pipeline(i2v, tmp_path, make
     torch.testing.assert_close(pipe.scheduler.sigmas, ours.sigmas, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours.latents, torch.cat(latents), rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.pixels, torch.cat(videos), rtol=0, atol=1e-5)
+
+
+def test_sdpa_and_native_attention_train_alike(tmp_path, make_image):
+    """SkyReels (CFG, image latents concatenated) trains alike under both kernels, with rho == 1."""
+    lines = [f'{{"prompt": "a red cube", "image": "{make_image(tmp_path / "a.png", 32, 48, 0)}"}}']
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    check_attention_backends(
+        "skyreels-i2v", {"preset": "tiny"}, tmp_path, prompts={"path": str(tmp_path / "prompts.jsonl")}
+    )

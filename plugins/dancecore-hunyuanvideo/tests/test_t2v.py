@@ -9,7 +9,7 @@ from dancecore_hunyuanvideo.t2v import HunyuanVideoConditioning, HunyuanVideoPol
 from pydantic import ValidationError
 
 from dancecore import Prompt, PromptBatch, WeightsNotFoundError, select_rows
-from dancecore.testing import check_policy_plugin
+from dancecore.testing import check_attention_backends, check_policy_plugin
 
 
 def _noise(policy, n: int, seed: int = 0) -> torch.Tensor:
@@ -248,3 +248,8 @@ def test_deterministic_rollout_equals_the_diffusers_pipeline(t2v, prompts):
     torch.testing.assert_close(ours.latents, latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours.pixels, videos, rtol=0, atol=1e-5)
     assert latents.std() > 0.1
+
+
+def test_sdpa_and_native_attention_train_alike(tmp_path):
+    """Dispatcher blocks and the token refiner's classic layers both switch; rho == 1; the same metrics."""
+    check_attention_backends("hunyuanvideo", {"preset": "tiny"}, tmp_path)

@@ -25,6 +25,7 @@ from dancecore import (
     DiffusersExport,
     NetworkOptions,
     PromptBatch,
+    encoder_attention,
     materialise,
     prepare_trainable,
     resolve_pretrained,
@@ -58,6 +59,9 @@ class StableDiffusionPolicy:
         )
         negative_prompt: str = Field("", description="Text of the unconditional branch (empty, as in SD).")
 
+        # The UNet's classic attention processors have no flash-attn variant (SDPA uses flash kernels itself).
+        attention_backends = ("sdpa", "native", "xformers")
+
         @model_validator(mode="after")
         def _one_source(self) -> StableDiffusionPolicy.Config:
             if (self.pretrained is None) == (self.preset is None):
@@ -81,7 +85,9 @@ class StableDiffusionPolicy:
         frozen = DTYPES[config.frozen_dtype]
         load: dict[str, Any] = {"local_files_only": True}
         self.tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", **load)
-        self.text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=frozen, **load)
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            root / "text_encoder", torch_dtype=frozen, **load, **encoder_attention(config.attention_backend)
+        )
         self.vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=frozen, **load)
         unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32, **load)
         for frozen_module in (self.text_encoder, self.vae):

@@ -8,7 +8,7 @@ from dancecore_sd.policy import SDConditioning, StableDiffusionPolicy, tiny_sd_d
 from pydantic import ValidationError
 
 from dancecore import Prompt, PromptBatch, WeightsNotFoundError, select_rows
-from dancecore.testing import check_policy_plugin
+from dancecore.testing import check_attention_backends, check_policy_plugin
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,13 @@ def test_deterministic_rollout_equals_the_diffusers_pipeline(policy, prompts):
     torch.testing.assert_close(ours.latents, latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.pixels, pixels, rtol=0, atol=1e-5)
     assert latents.std() > 0.1
+
+
+def test_sdpa_and_native_attention_train_alike(tmp_path):
+    """The UNet's classic processors switch (SDPA vs its math kernel), rho == 1 under each, the same metrics."""
+    check_attention_backends("sd", {"preset": "tiny"}, tmp_path)
+
+
+def test_flash_attention_is_not_offered():
+    with pytest.raises(ValidationError, match="not offered by this policy"):
+        StableDiffusionPolicy.Config(preset="tiny", attention_backend="flash")
