@@ -47,6 +47,11 @@ def nft_loss(
     return r * pos + (1 - r) * neg
 
 
+def _slices(start: int, stop: int, size: int) -> list[slice]:
+    """``[start, stop)`` in consecutive slices of at most ``size`` rows."""
+    return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
+
+
 class DiffusionNFT:
     """DiffusionNFT's negative-aware flow-matching objective on the rollout's clean samples."""
 
@@ -87,15 +92,18 @@ class DiffusionNFT:
         x_t = (1 - t.view(shape)) * x0 + t.view(shape) * eps
         target = eps - x0
         micro = services.micro_batch_size
-        chunks = [slice(i, min(i + micro, samples.numel())) for i in range(0, samples.numel(), micro)]
+
+        def velocity(rows: slice) -> torch.Tensor:
+            return services.predict(x_t[rows], t[rows].to(services.device), rollout, samples[rows]).float()
+
         with torch.no_grad():  # the sampling policy's velocities, before any update
-            v_old = torch.cat([services.predict(x_t[c], t[c], rollout, samples[c]).float().cpu() for c in chunks])
+            v_old = torch.cat([velocity(c).cpu() for c in _slices(0, samples.numel(), micro)])
         per_update = (services.samples_per_update or keep.numel()) * k
         losses, norms, updates = [], [], 0
         for start in range(0, samples.numel(), per_update):
             stop = min(start + per_update, samples.numel())
-            for c in (slice(i, min(i + micro, stop)) for i in range(start, stop, micro)):
-                v = services.predict(x_t[c], t[c].to(services.device), rollout, samples[c]).float()
+            for c in _slices(start, stop, micro):
+                v = velocity(c)
                 dev = v.device
                 loss = nft_loss(v, v_old[c].to(dev), target[c].to(dev), r_all[samples[c]].to(dev), cfg.beta)
                 services.backward(loss.sum() / (stop - start))
