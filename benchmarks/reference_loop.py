@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,8 @@ class ReferenceLoop:
         self.image_ids = ids.reshape(half * half, 3).to(self.device)
         self.sigmas = flux_sigmas(settings.num_steps, settings.shift)
         self.phase_times: dict[str, float] = {}  # wall seconds of the last iteration's parts
+        #: scores (B, 3, H, W) images against their prompts; brightness unless replaced (benchmarks/algorithms.py)
+        self.reward: Callable[[torch.Tensor, list[str]], torch.Tensor] = lambda images, _prompts: brightness(images)
 
     # ------------------------------------------------------------------------------ pieces
 
@@ -262,7 +265,12 @@ class ReferenceLoop:
 
         rolled = time.perf_counter()  # (includes the per-sample prompt encoding)
         # Rewards, one sample at a time; advantages per group.
-        rewards = torch.cat([brightness(self.decode(finals[i : i + 1].to(self.device))).cpu() for i in range(total)])
+        rewards = torch.cat(
+            [
+                self.reward(self.decode(finals[i : i + 1].to(self.device)), [prompts[i // g]]).float().cpu()
+                for i in range(total)
+            ]
+        )
         advantages = torch.zeros(total)
         for p in range(len(prompts)):
             r = rewards[p * g : (p + 1) * g]

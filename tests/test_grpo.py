@@ -84,3 +84,31 @@ def test_timestep_subset_fraction_and_original_indices():
 def test_timestep_subset_rejects_empty():
     with pytest.raises(ValueError, match="no trainable step"):
         sample_timestep_subset(torch.tensor([], dtype=torch.long), 0.5, torch.Generator())
+
+
+def test_global_std_advantages_divide_every_group_by_the_std_of_all_rewards():
+    from dancecore.functional.grpo import global_std
+
+    rewards = torch.tensor([1.0, 3.0, 10.0, 14.0])
+    groups = torch.tensor([0, 0, 1, 1])
+    values = rewards.tolist()
+    std_all = statistics.stdev(values)  # Flow-GRPO: per-prompt mean, one std over the whole batch
+    assert global_std(4, sum(values), sum(v * v for v in values)) == pytest.approx(std_all)
+    adv = group_advantages(rewards, groups, std=std_all, clip=100.0)
+    expected = [(1 - 2) / std_all, (3 - 2) / std_all, (10 - 12) / std_all, (14 - 12) / std_all]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-6)
+    per_group = group_advantages(rewards, groups, clip=100.0)  # DanceGRPO: each group's own std
+    assert per_group.tolist() == pytest.approx([-0.7071068, 0.7071068, -0.7071068, 0.7071068], rel=1e-6)
+    assert global_std(1, 3.0, 9.0) == 0.0
+
+
+def test_asymmetric_clip_range():
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 1.05, 0.5, 0.95]))
+    out = clipped_policy_loss(new, old, adv, clip_range=0.1, clip_range_high=0.3)
+    # A > 0: min(rho, clip(rho, 0.9, 1.3)) -> 1.3 and 1.05; A < 0: max(-rho, -clip) -> -0.9... as losses:
+    assert out.loss.tolist() == pytest.approx([-1.3, -1.05, 0.9, 0.95], rel=1e-6)
+    assert out.clip_fraction.tolist() == [1.0, 0.0, 1.0, 0.0]
+    symmetric = clipped_policy_loss(new, old, adv, clip_range=0.1)
+    assert symmetric.loss.tolist() == pytest.approx([-1.1, -1.05, 0.9, 0.95], rel=1e-6)

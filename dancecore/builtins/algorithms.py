@@ -23,6 +23,7 @@ from dancecore.functional.grpo import (
     best_and_worst,
     clipped_policy_loss,
     combined_advantages,
+    global_std,
     sample_timestep_subset,
     trainable_steps,
 )
@@ -152,8 +153,17 @@ class GRPO:
         shared_noise: bool = Field(
             True, description="The G samples of a prompt share one initial noise (DanceGRPO); false: each its own."
         )
-        clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon.")
+        clip_range: float = Field(
+            1e-4, gt=0, description="PPO ratio clip epsilon (below 1; above too unless clip_range_high)."
+        )
+        clip_range_high: float | None = Field(
+            None, gt=0, description="Asymmetric clipping: the ratio's upper bound is 1 + this (default: clip_range)."
+        )
         advantage_clip: float = Field(5.0, gt=0, description="Advantages are clamped to +/- this value.")
+        advantage_std: Literal["group", "global"] = Field(
+            "group",
+            description="Divide by each group's reward std (DanceGRPO) or by the std of all of the iteration's rewards (Flow-GRPO).",
+        )
         timestep_fraction: float = Field(0.6, gt=0, le=1, description="Fraction tau of trainable steps trained.")
         best_of: int | None = Field(
             None, ge=1, description="Best-of-N: train only the top-k and bottom-k of each group (pool)."
@@ -175,14 +185,18 @@ class GRPO:
         self.needs_reference = config.kl_beta > 0
         self.reference_dtype = config.reference_dtype
         self.reference_device = config.reference_device
+        self._stds: list[float] | None = None  # this iteration's global reward stds (advantage_std: global)
 
     def train(self, rollout: Rollout, services: TrainingServices) -> dict[str, float]:
         """Advantages, sample selection and the clipped-ratio training pass (plus KL when kl_beta > 0)."""
+        self._stds = global_stds(rollout.scores.values, services) if self.config.advantage_std == "global" else None
         return train_clipped_ratio(self, "grpo", rollout, services, self.config.kl_beta)
 
     def advantages(self, scores: RewardScores, group_ids: torch.Tensor) -> torch.Tensor:
-        """Per-reward group normalisation, weighted sum, clamp."""
-        return combined_advantages(scores.values, scores.weights, group_ids, clip=self.config.advantage_clip)
+        """Per-reward group normalisation (by the group's std or the global one), weighted sum, clamp."""
+        return combined_advantages(
+            scores.values, scores.weights, group_ids, clip=self.config.advantage_clip, stds=self._stds
+        )
 
     def select_samples(self, advantages: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         """All samples, or the best and worst ``best_of`` of each pool."""
@@ -196,7 +210,20 @@ class GRPO:
 
     def loss(self, new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor) -> LossOutput:
         """The clipped-ratio loss, element-wise."""
-        return clipped_policy_loss(new_log_prob, old_log_prob, advantages, self.config.clip_range)
+        return clipped_policy_loss(
+            new_log_prob, old_log_prob, advantages, self.config.clip_range, self.config.clip_range_high
+        )
+
+
+def global_stds(values: torch.Tensor, services: TrainingServices) -> list[float]:
+    """Each reward's std over every kept sample of the iteration on every rank (Flow-GRPO's
+    normalisation); ``values`` is (num_rewards, kept samples on this rank)."""
+    v = values.double()
+    moments = services.mean_over_ranks(
+        [float(v.shape[1])] + [float(x) for row in v for x in (row.sum(), row.square().sum())]
+    )
+    sums = [m * services.world_size for m in moments]  # means over ranks -> sums over ranks
+    return [global_std(sums[0], sums[1 + 2 * k], sums[2 + 2 * k]) for k in range(v.shape[0])]
 
 
 class ClippedRatioAlgorithm:

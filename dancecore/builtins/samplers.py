@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,6 +18,7 @@ from dancecore.functional.sde import (
     ddim_coefficients,
     ddim_timesteps,
     flow_coefficients,
+    flow_dpm2m_step,
     flow_grpo_noise_level,
     linear_gaussian_step,
     shifted_sigmas,
@@ -77,12 +79,40 @@ class _FlowScheduleConfig(ComponentConfig):
     sde_window: int | None = Field(
         None, ge=1, description="If set, only this many consecutive steps are stochastic (mixed ODE/SDE)."
     )
+    sde_window_shift_every: int = Field(
+        1, ge=1, description="Iterations the SDE window stays at one position (MixGRPO's shift interval, 20 there)."
+    )
+    sde_window_stride: int = Field(1, ge=1, description="Steps the SDE window moves at each shift (MixGRPO: 1).")
+    sde_window_end: Literal["restart", "stay"] = Field(
+        "restart", description="When the window reaches the last position: start again at step 0, or stay there."
+    )
+    ode_solver: Literal["euler", "dpm++2m"] = Field(
+        "euler",
+        description="Solver of the ODE steps after the SDE window in rollouts: Euler, or DPM-Solver++(2M) (MixGRPO-Flash).",
+    )
+    ode_compress: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the steps after the SDE window kept in rollouts (MixGRPO-Flash: 0.4); needs sde_window.",
+    )
 
     @model_validator(mode="after")
     def _window_fits(self) -> _FlowScheduleConfig:
         if self.sde_window is not None and self.sde_window > self.num_steps - 1:
             raise ValueError(f"sde_window ({self.sde_window}) must be <= num_steps - 1 ({self.num_steps - 1})")
+        if self.sde_window is None and (self.ode_solver != "euler" or self.ode_compress != 1.0):
+            raise ValueError("ode_solver / ode_compress apply to the steps after the SDE window: set sde_window too")
         return self
+
+
+def _unshifted(num_steps: int) -> torch.Tensor:
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+
+
+def _shift(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """The SD3 shift of :func:`~dancecore.functional.sde.shifted_sigmas`, for any float64 grid."""
+    return (shift * s / (1.0 + (shift - 1.0) * s)).to(torch.float32)
 
 
 def _flow_schedule(config: _FlowScheduleConfig, num_steps: int | None) -> Schedule:
@@ -90,21 +120,94 @@ def _flow_schedule(config: _FlowScheduleConfig, num_steps: int | None) -> Schedu
     return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
 
 
+def _window_start(config: _FlowScheduleConfig, iteration: int) -> int:
+    """First step of the SDE window at ``iteration``: it moves ``sde_window_stride`` steps every
+    ``sde_window_shift_every`` iterations over the ``N - W`` positions that keep the last step out
+    of it; at the end it restarts at step 0 or stays (MixGRPO's progressive window; the defaults
+    move it one step per iteration)."""
+    window = config.sde_window or 0
+    positions = max(1, config.num_steps - window)
+    moved = (iteration // config.sde_window_shift_every) * config.sde_window_stride
+    return moved % positions if config.sde_window_end == "restart" else min(moved, positions - 1)
+
+
 def _window_mask(config: _FlowScheduleConfig, num_steps: int, iteration: int) -> torch.Tensor:
-    """Without a window every step is stochastic. With a window of W steps, the window starts at
-    ``iteration mod (N - W)`` so that it sweeps the schedule over training; the last step is never
-    inside it."""
+    """Without a window every step is stochastic. With a window of W steps, W consecutive steps
+    from :func:`_window_start` (placed on the configured N-step grid, which a compressed rollout
+    schedule keeps up to the window's end; the last step is never inside it)."""
     mask = torch.ones(num_steps, dtype=torch.bool)
     window = config.sde_window
     if window is None:
         return mask
-    start = iteration % max(1, num_steps - window)
+    start = _window_start(config, iteration)
     mask[:] = False
     mask[start : start + window] = True
     return mask
 
 
-class FlowSDESampler:
+def _rollout_schedule(config: _FlowScheduleConfig, iteration: int) -> Schedule:
+    """The rollout schedule at ``iteration``: the configured one, or (MixGRPO-Flash) the same
+    grid up to the end of the SDE window followed by ``ceil(ode_compress x R)`` steps spread evenly
+    (before the shift) over what the R remaining steps covered, solved with ``ode_solver``."""
+    base = _flow_schedule(config, None)
+    if config.sde_window is None or (config.ode_compress == 1.0 and config.ode_solver == "euler"):
+        return base
+    tail = _window_start(config, iteration) + config.sde_window  # first step after the window
+    s = _unshifted(config.num_steps)
+    kept = max(1, math.ceil(config.ode_compress * (config.num_steps - tail) - 1e-9))
+    grid = torch.cat([s[:tail], torch.linspace(float(s[tail]), 0.0, kept + 1, dtype=torch.float64)])
+    sigmas = _shift(grid, config.shift)
+    orders = torch.ones(tail + kept, dtype=torch.long)
+    if config.ode_solver == "dpm++2m":
+        orders[tail + 1 : tail + kept - 1] = 2  # the first step after the window and the last are first-order
+    return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas, orders=orders)
+
+
+class _FlowSchedules:
+    """Schedule, window and ODE solver of the rectified-flow samplers (shared by ``flow-sde`` and ``flow-cps``)."""
+
+    config: _FlowScheduleConfig
+    _coefficients: _CoefficientTables
+
+    @property
+    def uses_previous_step(self) -> bool:
+        """Whether rollouts must pass each step the previous step's result (a multistep ODE solver)."""
+        return self.config.ode_solver != "euler"
+
+    def schedule(self, num_steps: int | None = None) -> Schedule:
+        """Shifted sigmas; timesteps are the first N sigmas."""
+        return _flow_schedule(self.config, num_steps)
+
+    def rollout_schedule(self, iteration: int) -> Schedule:
+        """The schedule rollouts use at ``iteration`` (see :func:`_rollout_schedule`)."""
+        return _rollout_schedule(self.config, iteration)
+
+    def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
+        """Boolean mask of the stochastic (trainable) steps at ``iteration`` (see :func:`_window_mask`)."""
+        return _window_mask(self.config, num_steps, iteration)
+
+    def _step(
+        self,
+        eta: float,
+        schedule: Schedule,
+        index: int | torch.Tensor,
+        latents: torch.Tensor,
+        model_output: torch.Tensor,
+        noise: torch.Tensor | None,
+        next_latents: torch.Tensor | None,
+        previous: StepResult | None,
+    ) -> StepResult:
+        result = self._coefficients.step(schedule, eta, index, latents, model_output, noise, next_latents)
+        if eta != 0.0 or schedule.orders is None or not isinstance(index, int) or int(schedule.orders[index]) != 2:
+            return result
+        if previous is None:
+            raise ValueError(f"step {index} is a second-order ODE step: pass the previous step's result")
+        sig = schedule.sigmas.tolist()
+        moved = flow_dpm2m_step(latents, result.x0_hat, previous.x0_hat, sig[index - 1], sig[index], sig[index + 1])
+        return StepResult(next_latents=moved, log_prob=result.log_prob, x0_hat=result.x0_hat)
+
+
+class FlowSDESampler(_FlowSchedules):
     """The DanceGRPO stochastic sampler for rectified-flow models (FLUX, HunyuanVideo, SkyReels).
 
     Sigmas follow ``linspace(1, 0, N+1)`` with the SD3 shift; the network is given the sigma
@@ -124,19 +227,12 @@ class FlowSDESampler:
         )
 
     prediction_type = "flow"
+    config: Config
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
         build = _flow_grpo_coefficients if config.noise == "flow-grpo" else flow_coefficients
         self._coefficients = _CoefficientTables(build)
-
-    def schedule(self, num_steps: int | None = None) -> Schedule:
-        """Shifted sigmas; timesteps are the first N sigmas."""
-        return _flow_schedule(self.config, num_steps)
-
-    def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
-        """Boolean mask of the stochastic (trainable) steps at ``iteration`` (see :func:`_window_mask`)."""
-        return _window_mask(self.config, num_steps, iteration)
 
     def step(
         self,
@@ -148,10 +244,11 @@ class FlowSDESampler:
         noise: torch.Tensor | None = None,
         next_latents: torch.Tensor | None = None,
         deterministic: bool = False,
+        previous: StepResult | None = None,
     ) -> StepResult:
-        """One SDE (or, if ``deterministic``, ODE) step."""
+        """One SDE (or, if ``deterministic``, ODE) step; ``previous`` feeds a second-order ODE step."""
         eta = 0.0 if deterministic else self.config.eta
-        return self._coefficients.step(schedule, eta, index, latents, model_output, noise, next_latents)
+        return self._step(eta, schedule, index, latents, model_output, noise, next_latents, previous)
 
 
 def _flow_grpo_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> torch.Tensor:
@@ -162,7 +259,7 @@ def _flow_grpo_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: 
     return flow_coefficients(sigma, sigma_next, flow_grpo_noise_level(sigma, eta, guard))
 
 
-class FlowCPSSampler:
+class FlowCPSSampler(_FlowSchedules):
     """Coefficients-preserving sampling (CPS) for rectified flow: each stochastic step lands on the
     deterministic schedule's signal/noise coefficients (see :func:`~dancecore.functional.sde.cps_coefficients`);
     ``eta`` sets the angle alpha = eta pi / 2 of fresh noise. Same schedule, window and options as ``flow-sde``."""
@@ -175,18 +272,11 @@ class FlowCPSSampler:
         )
 
     prediction_type = "flow"
+    config: Config
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
         self._coefficients = _CoefficientTables(cps_coefficients)
-
-    def schedule(self, num_steps: int | None = None) -> Schedule:
-        """The same shifted sigmas as ``flow-sde``."""
-        return _flow_schedule(self.config, num_steps)
-
-    def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
-        """The same SDE window as ``flow-sde``."""
-        return _window_mask(self.config, num_steps, iteration)
 
     def step(
         self,
@@ -198,10 +288,11 @@ class FlowCPSSampler:
         noise: torch.Tensor | None = None,
         next_latents: torch.Tensor | None = None,
         deterministic: bool = False,
+        previous: StepResult | None = None,
     ) -> StepResult:
-        """One CPS step (the Euler step when ``deterministic``)."""
+        """One CPS step (the ODE step when ``deterministic``; ``previous`` feeds a second-order one)."""
         eta = 0.0 if deterministic else self.config.eta
-        return self._coefficients.step(schedule, eta, index, latents, model_output, noise, next_latents)
+        return self._step(eta, schedule, index, latents, model_output, noise, next_latents, previous)
 
 
 class DDIMSDESampler:

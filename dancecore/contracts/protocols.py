@@ -98,6 +98,11 @@ class Sampler(Protocol):
     (rewards, eval images): ``"x0_hat"`` (the default; the ODE endpoint of a flow model) or
     ``"sample"`` (the last step's next latent: DDIM's final sample, as diffusers, DDPO and DanceGRPO's
     SD code decode it).
+
+    Optional method ``rollout_schedule(iteration) -> Schedule``: the schedule training rollouts use
+    at that iteration when it differs from :meth:`schedule` (MixGRPO-Flash compresses the ODE steps
+    after its SDE window). Optional attribute ``uses_previous_step``: when true, rollouts pass
+    ``previous=`` (the previous step's :class:`StepResult`) to :meth:`step`, for multistep ODE solvers.
     """
 
     Config: ClassVar[type[BaseModel]]
@@ -188,6 +193,10 @@ class TrainingServices(Protocol):
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank."""
+        ...
+
+    def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """The mean of each value over ranks (the values themselves on one process); every rank calls it."""
         ...
 
     def generator(self, purpose: str, *keys: int) -> torch.Generator:

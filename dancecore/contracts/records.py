@@ -44,11 +44,14 @@ class Schedule:
 
     ``timesteps[i]`` is what the network is told at step ``i``; ``sigmas`` has ``num_steps + 1``
     entries and is interpreted by the sampler that built it (noise levels for rectified flow,
-    cumulative alphas for DDIM).
+    cumulative alphas for DDIM). ``orders``, when set, is the ODE solver order of each step
+    (1: the sampler's own first-order step; 2: a second-order multistep update such as
+    DPM-Solver++(2M), which needs the previous step's result); None means order 1 everywhere.
     """
 
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    orders: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:

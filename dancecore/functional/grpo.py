@@ -13,9 +13,16 @@ from dancecore.contracts.records import LossOutput
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, *, clip: float = 5.0, eps: float = 1e-8
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    clip: float = 5.0,
+    eps: float = 1e-8,
+    std: float | None = None,
 ) -> torch.Tensor:
-    """Normalise rewards within each group: ``(r - mean) / (std + eps)`` with the unbiased std.
+    """Normalise rewards within each group: ``(r - mean) / (std + eps)`` with the group's unbiased
+    std (DanceGRPO), or with the one ``std`` given for every group (Flow-GRPO's global std, see
+    :func:`global_std`).
 
     A group whose rewards are all equal (or a group of one) gets advantage 0, and the result is
     clamped to ``[-clip, clip]``.
@@ -27,8 +34,18 @@ def group_advantages(
         r = rewards[members]
         if r.numel() < 2 or bool((r == r[0]).all()):
             continue
-        advantages[members] = (r - r.mean()) / (r.std(unbiased=True) + eps)
+        scale = r.std(unbiased=True) if std is None else torch.tensor(std, dtype=torch.float64)
+        advantages[members] = (r - r.mean()) / (scale + eps)
     return advantages.clamp(-clip, clip).float()
+
+
+def global_std(count: float, total: float, total_square: float) -> float:
+    """The unbiased std of all rewards from their count, sum and sum of squares; 0 for fewer than two."""
+    if count < 2:
+        return 0.0
+    mean = total / count
+    variance = max(0.0, total_square / count - mean * mean) * count / (count - 1)
+    return float(variance**0.5)
 
 
 def combined_advantages(
@@ -38,16 +55,19 @@ def combined_advantages(
     *,
     clip: float = 5.0,
     eps: float = 1e-8,
+    stds: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Several rewards: normalise each one within its group separately, then sum with weights.
 
-    ``values`` has shape (num_rewards, num_samples). The sum is clamped to ``[-clip, clip]``.
+    ``values`` has shape (num_rewards, num_samples); ``stds``, when given, is one std per reward
+    used for every group instead of each group's own. The sum is clamped to ``[-clip, clip]``.
     """
     if values.ndim != 2 or values.shape[0] != len(weights):
         raise ValueError(f"values must be (num_rewards={len(weights)}, B), got {tuple(values.shape)}")
+    scales: Sequence[float | None] = [None] * len(weights) if stds is None else stds
     total = torch.zeros(values.shape[1], dtype=torch.float64)
-    for row, weight in zip(values, weights, strict=True):
-        total += weight * group_advantages(row, group_ids, clip=float("inf"), eps=eps).double()
+    for row, weight, std in zip(values, weights, scales, strict=True):
+        total += weight * group_advantages(row, group_ids, clip=float("inf"), eps=eps, std=std).double()
     return total.clamp(-clip, clip).float()
 
 
@@ -66,14 +86,20 @@ def best_and_worst(advantages: torch.Tensor, group_ids: torch.Tensor, k: int) ->
 
 
 def clipped_policy_loss(
-    new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+    new_log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    clip_range_high: float | None = None,
 ) -> LossOutput:
-    """PPO clipped-ratio loss without a critic, per element: ``max(-A rho, -A clip(rho, 1-e, 1+e))``."""
+    """PPO clipped-ratio loss without a critic, per element: ``max(-A rho, -A clip(rho, 1-e, 1+e_high))``
+    with ``e_high = clip_range_high`` (asymmetric clipping) or ``clip_range``."""
+    high = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(new_log_prob.float() - old_log_prob.float())
     negative = -advantages.float()
-    loss = torch.maximum(negative * ratio, negative * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+    loss = torch.maximum(negative * ratio, negative * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high))
     detached = ratio.detach()
-    clip_fraction = ((detached - 1.0).abs() > clip_range).float()
+    clip_fraction = ((detached < 1.0 - clip_range) | (detached > 1.0 + high)).float()
     return LossOutput(loss=loss, ratio=detached, clip_fraction=clip_fraction)
 
 

@@ -210,6 +210,40 @@ def linear_gaussian_step(
     )
 
 
+def flow_dpm2m_step(
+    latents: torch.Tensor,
+    x0: torch.Tensor,
+    x0_previous: torch.Tensor,
+    sigma_previous: float,
+    sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) step of the rectified-flow ODE (data prediction, midpoint form).
+
+    With ``alpha = 1 - sigma`` and ``lambda = log(alpha / sigma)``, ``h = lambda_next - lambda``
+    and ``r = (lambda - lambda_previous) / h``, the update is
+    ``x_next = (sigma_next / sigma) x + alpha_next (1 - exp(-h)) D`` with
+    ``D = x0 + (x0 - x0_previous) / (2 r)``. For flow ``alpha_next (1 - exp(-h))`` simplifies to
+    ``(sigma - sigma_next) / sigma``, so with ``D = x0`` this is exactly the Euler step. Needs
+    ``0 < sigma_next < sigma < sigma_previous < 1``: the first step (sigma = 1) and the last
+    (sigma_next = 0) are first-order.
+    """
+    if not 0.0 < sigma_next < sigma < sigma_previous < 1.0:
+        raise ValueError(
+            f"DPM-Solver++(2M) needs 0 < sigma_next < sigma < sigma_previous < 1, got "
+            f"{sigma_next}, {sigma}, {sigma_previous}"
+        )
+
+    def lam(s: float) -> float:
+        return math.log((1.0 - s) / s)
+
+    r = (lam(sigma) - lam(sigma_previous)) / (lam(sigma_next) - lam(sigma))
+    x0f, prev = _fp32(x0), _fp32(x0_previous)
+    d = x0f + (x0f - prev) * (1.0 / (2.0 * r))
+    out = _fp32(latents) * (sigma_next / sigma) + d * ((sigma - sigma_next) / sigma)
+    return out.to(latents.dtype)
+
+
 def gaussian_mean_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL between two Gaussian steps with the same std, averaged over non-batch dimensions (as the
     log-probabilities are): ``mean((mu - mu_ref)^2) / (2 std^2)`` per row (Flow-GRPO's KL term)."""

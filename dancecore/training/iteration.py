@@ -50,7 +50,7 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
         cond = trainer.policy.encode_prompts(PromptBatch(tuple(prompts)))
 
     # 3. rollout (with train.overlap_reward, each micro-batch is decoded and scored as soon as it is done)
-    schedule = trainer.sampler.schedule()
+    schedule = sampling.rollout_schedule(trainer.sampler, draw)
     stochastic = sampling.stochastic_mask(trainer.sampler, schedule.num_steps, draw)
     overlap = overlapped_scoring(trainer, prompts) if cfg.train.overlap_reward else None
     try:

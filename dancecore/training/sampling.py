@@ -58,6 +58,13 @@ def stochastic_mask(sampler: Sampler, num_steps: int, iteration: int) -> torch.T
     return torch.ones(num_steps, dtype=torch.bool)
 
 
+def rollout_schedule(sampler: Sampler, iteration: int) -> Schedule:
+    """The schedule of this iteration's rollouts: the sampler's ``rollout_schedule`` if it has one
+    (e.g. MixGRPO-Flash's compressed ODE tail), else its configured schedule."""
+    build = getattr(sampler, "rollout_schedule", None)
+    return build(iteration) if build is not None else sampler.schedule()
+
+
 def decoded_latents(sampler: Sampler, last: StepResult) -> torch.Tensor:
     """The latents of the last step that are decoded: ``x0_hat``, or the step's sample when the
     sampler declares ``decodes = "sample"`` (DDIM)."""
@@ -117,6 +124,7 @@ def grouped_rollout(
     micro = calls.micro_batch_size
     step_times = [t.expand(micro) for t in schedule.timesteps.unbind()]
     stochastic_steps = [bool(flag) for flag in stochastic.tolist()]
+    multistep = bool(getattr(sampler, "uses_previous_step", False))
     for chunk, real in padded_chunks(torch.arange(n), micro):
         rows = slice(int(chunk[0]), int(chunk[0]) + real)  # chunks are consecutive rows
         rows_cond = conditioning.rows(prompt_rows[chunk])
@@ -128,13 +136,19 @@ def grouped_rollout(
         saved_latents = latents[rows].unbind(1)  # views: copying into them fills the trajectory
         saved_log_probs = log_probs[rows].unbind(1)
         x = latents[chunk, 0].to(calls.device)
+        out: StepResult | None = None
         for i in range(steps):
             with calls.autocast():
                 pred = policy.predict(x, step_times[i], rows_cond)
-            out = sampler.step(schedule, i, x, pred, noise=step_noise[i], deterministic=not stochastic_steps[i])
+            deterministic = not stochastic_steps[i]
+            if multistep:
+                out = sampler.step(schedule, i, x, pred, noise=step_noise[i], deterministic=deterministic, previous=out)  # type: ignore[call-arg]
+            else:
+                out = sampler.step(schedule, i, x, pred, noise=step_noise[i], deterministic=deterministic)
             x = out.next_latents
             saved_latents[i + 1].copy_(real_rows(x, real))
             saved_log_probs[i].copy_(real_rows(out.log_prob, real))
+        assert out is not None  # a schedule has at least one step
         final[rows] = real_rows(decoded_latents(sampler, out), real).cpu()
         if on_micro_batch is not None:
             on_micro_batch(rows, final[rows])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -125,6 +125,10 @@ class CoreServices:
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank."""
         return self.engine.any_rank(flag)
+
+    def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """The mean of each value over ranks."""
+        return self.engine.all_reduce_mean([float(v) for v in values])
 
     def generator(self, purpose: str, *keys: int) -> torch.Generator:
         """A generator keyed by (seed, purpose, this iteration's draw, keys)."""

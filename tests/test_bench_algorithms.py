@@ -1,0 +1,63 @@
+"""The time-to-target bookkeeping of benchmarks/algorithms.py, on constructed curves."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.algorithms import RECIPES, Run, markdown, run_all, summarise, time_to
+
+
+def _run(recipe: str, seed: int, curve: list[tuple[float, int, float]], calls: int = 10) -> Run:
+    run = Run(recipe, seed, step=lambda it: None, evaluate=lambda: 0.0, calls=lambda: calls * curve[-1][1])
+    run.curve = curve
+    run.iterations = curve[-1][1]
+    run.iteration_seconds = [curve[-1][0] / max(1, curve[-1][1])] * curve[-1][1]
+    return run
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it():
+    curve = [(0.0, 0, 0.20), (50.0, 5, 0.24), (100.0, 10, 0.35), (150.0, 15, 0.30)]
+    assert time_to(curve, 0.25) == 100.0
+    assert time_to(curve, 0.35) == 100.0  # at the target counts
+    assert time_to(curve, 0.36) is None
+    assert time_to(curve, 0.20) == 0.0
+
+
+def test_summary_and_speedups_over_seeds():
+    base = 0.2
+    runs = [
+        _run("dancegrpo", 0, [(0.0, 0, base), (100.0, 10, 0.26), (200.0, 20, 0.30)]),
+        _run("dancegrpo", 1, [(0.0, 0, base), (100.0, 10, 0.22), (200.0, 20, 0.21)]),
+        _run("fast", 0, [(0.0, 0, base), (50.0, 10, 0.31), (200.0, 40, 0.40)], calls=4),
+        _run("fast", 1, [(0.0, 0, base), (50.0, 10, 0.26), (200.0, 40, 0.38)], calls=4),
+    ]
+    summary = summarise(runs, base, [0.05, 0.15])
+    slow, fast = summary["dancegrpo"], summary["fast"]
+    assert slow["time_to_target"]["+0.05"] == {"reached": "1/2", "mean_seconds": 100.0}
+    assert slow["time_to_target"]["+0.15"] == {"reached": "0/2", "mean_seconds": None}
+    assert fast["time_to_target"]["+0.05"] == {"reached": "2/2", "mean_seconds": 50.0}
+    assert fast["time_to_target"]["+0.15"] == {"reached": "2/2", "mean_seconds": 200.0}
+    assert fast["final_mean"] == pytest.approx(0.39) and fast["final_std"] == pytest.approx(0.01)
+    assert fast["network_calls_per_iteration"] == 4 and fast["seconds_per_iteration"] == 5.0
+    table = markdown(summary, base, 200.0, ["dancegrpo"])
+    assert "50 s (2/2), 2.0x vs dancegrpo" in table
+    assert "not reached (0/2)" in table
+
+
+def test_round_robin_interleaves_runs_and_evaluates_on_schedule():
+    order: list[str] = []
+    runs = []
+    for name in ("a", "b"):
+        run = Run(name, 0, step=lambda it, n=name: order.append(n), evaluate=lambda: 0.5, calls=lambda: 0)
+        runs.append(run)
+    run_all(runs, base=0.1, budget=1e-3, eval_every=1e9, log=lambda m: None)
+    assert order[:2] == ["a", "b"]  # one iteration each in turn
+    for run in runs:
+        assert run.curve[0] == (0.0, 0, 0.1) and run.curve[-1][2] == 0.5  # base, then the final evaluation
+        assert run.seconds >= 1e-3
+
+
+def test_every_recipe_config_exists():
+    for recipe, config in RECIPES.items():
+        if config is not None:
+            assert config.is_file(), recipe
