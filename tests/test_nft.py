@@ -30,6 +30,33 @@ def test_gradient_at_the_old_policy_is_reward_weighted_flow_matching(beta: float
     assert float(v.grad[1].abs().max()) < 1e-7, "r = 0.5 carries no signal"
 
 
+def test_adaptive_weighting_is_the_x0_space_loss_over_its_mean_absolute_error() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    v_old, v = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    t = torch.tensor([0.3, 0.8])
+    r = torch.tensor([0.9, 0.2])
+    beta = 0.5
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * eps
+    expected = []
+    for i in range(2):  # DiffusionNFT's form written out: x0_hat = x_t - t v for each implicit policy
+        terms = []
+        for branch in ((1 - beta) * v_old[i] + beta * v[i], (1 + beta) * v_old[i] - beta * v[i]):
+            x0_hat = x_t[i] - t[i] * branch
+            weight = (x0_hat - x0[i]).abs().mean().clamp(min=1e-5)
+            terms.append(((x0_hat - x0[i]) ** 2).mean() / weight)
+        expected.append(r[i] * terms[0] + (1 - r[i]) * terms[1])
+    got = nft_loss(v, v_old, eps - x0, r, beta, t)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+    # the divisor carries no gradient: at v = v_old the gradient is the unweighted one scaled per sample
+    w = v_old.clone().requires_grad_(True)
+    nft_loss(w, v_old, eps - x0, r, beta, t).sum().backward()
+    err = t.view(-1, 1, 1) * (v_old - (eps - x0))
+    scale = err.abs().mean(dim=(1, 2)).view(-1, 1, 1)
+    manual = 2 * beta * (2 * r - 1).view(-1, 1, 1) * t.view(-1, 1, 1) * err / 12 / scale
+    assert torch.allclose(w.grad, manual, atol=1e-5)
+
+
 def test_positive_samples_pull_towards_their_flow_and_the_step_is_bounded() -> None:
     gen = torch.Generator().manual_seed(1)
     v_old, target = torch.randn(1, 16, generator=gen), torch.randn(1, 16, generator=gen)

@@ -20,6 +20,8 @@ the sigma itself (FLUX, HunyuanVideo, SkyReels, SD3, Wan, Qwen-Image here); the 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -35,16 +37,36 @@ def optimality(advantages: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def nft_loss(
-    v_theta: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, r: torch.Tensor, beta: float
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+    t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample DiffusionNFT loss (mean over the latent's elements). Shapes: ``v_*``/``target``
-    ``(B, *latent)``, ``r`` ``(B,)``."""
+    ``(B, *latent)``, ``r`` and ``t`` ``(B,)``.
+
+    Without ``t``: the velocity-space loss ``r ||v+ - target||^2 + (1 - r) ||v- - target||^2``.
+    With ``t``: DiffusionNFT's adaptive weighting, in x0 space: each branch's clean estimate
+    ``x0_hat = x_t - t v`` is compared with ``x0`` (``x0_hat - x0 = -t (v - target)``) and its squared
+    error divided by the sample's mean absolute error (no gradient through the divisor, at least
+    1e-5), so every sample and noise level weighs about the same.
+    """
     positive = (1 - beta) * v_old + beta * v_theta
     negative = (1 + beta) * v_old - beta * v_theta
     dims = tuple(range(1, v_theta.dim()))
-    pos = (positive - target).square().mean(dim=dims)
-    neg = (negative - target).square().mean(dim=dims)
-    return r * pos + (1 - r) * neg
+    if t is None:
+        pos = (positive - target).square().mean(dim=dims)
+        neg = (negative - target).square().mean(dim=dims)
+        return r * pos + (1 - r) * neg
+    scale = t.view((-1,) + (1,) * (v_theta.dim() - 1))
+    branches = []
+    for branch in (positive, negative):
+        error = scale * (branch - target)  # = x0 - x0_hat
+        weight = error.detach().abs().mean(dim=dims).clamp(min=1e-5)
+        branches.append(error.square().mean(dim=dims) / weight)
+    return r * branches[0] + (1 - r) * branches[1]
 
 
 def _slices(start: int, stop: int, size: int) -> list[slice]:
@@ -69,6 +91,10 @@ class DiffusionNFT:
         timesteps_per_sample: int = Field(4, ge=1, description="Noise levels t drawn per sample per iteration.")
         t_min: float = Field(0.0, ge=0, lt=1, description="t is drawn uniformly from [t_min, t_max].")
         t_max: float = Field(1.0, gt=0, le=1)
+        loss_weighting: Literal["none", "adaptive"] = Field(
+            "none",
+            description="'adaptive': DiffusionNFT's x0-space loss divided by each sample's mean absolute x0 error.",
+        )
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         self.config = config
@@ -105,7 +131,8 @@ class DiffusionNFT:
             for c in _slices(start, stop, micro):
                 v = velocity(c)
                 dev = v.device
-                loss = nft_loss(v, v_old[c].to(dev), target[c].to(dev), r_all[samples[c]].to(dev), cfg.beta)
+                t_c = t[c].to(dev) if cfg.loss_weighting == "adaptive" else None
+                loss = nft_loss(v, v_old[c].to(dev), target[c].to(dev), r_all[samples[c]].to(dev), cfg.beta, t_c)
                 services.backward(loss.sum() / (stop - start))
                 losses.append(float(loss.detach().sum()))
             norms.append(services.optimizer_step())
