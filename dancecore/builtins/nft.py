@@ -11,7 +11,9 @@ sampling ("old") policy's velocity ``v_old``:
 with ``r = 0.5 + 0.5 clip(A / advantage_scale, -1, 1)`` in [0, 1] from the group-relative advantage
 A: good samples pull the velocity towards their flow, bad ones push it away, and the quadratic
 terms keep ``v_theta`` within about ``1 / beta`` of ``v_old``. ``v_old`` is the policy as it
-sampled (computed once, without gradient, before this iteration's first update).
+sampled (computed once, without gradient, before this iteration's first update): the trained
+weights, or with ``train.ema: {rollout: true, ramp: ...}`` DiffusionNFT's soft-updated old policy,
+``old = d old + (1 - d) theta`` after every update with ``d = min(ramp u, cap)``.
 
 For rectified-flow policies whose prediction is the velocity ``noise - x0`` and whose timestep is
 the sigma itself (FLUX, HunyuanVideo, SkyReels, SD3, Wan, Qwen-Image here); the sampler is free
@@ -122,7 +124,7 @@ class DiffusionNFT:
         def velocity(rows: slice) -> torch.Tensor:
             return services.predict(x_t[rows], t[rows].to(services.device), rollout, samples[rows]).float()
 
-        with torch.no_grad():  # the sampling policy's velocities, before any update
+        with torch.no_grad(), services.rollout_weights():  # the sampling policy's velocities, before any update
             v_old = torch.cat([velocity(c).cpu() for c in _slices(0, samples.numel(), micro)])
         per_update = (services.samples_per_update or keep.numel()) * k
         losses, norms, updates = [], [], 0

@@ -109,10 +109,22 @@ class EvalConfig(StrictModel):
 class EmaConfig(StrictModel):
     """An exponential moving average of the trained weights (fp32), kept in every checkpoint."""
 
-    decay: float = Field(0.9, gt=0, lt=1, description="ema = decay * ema + (1 - decay) * weights (0.9 in Flow-GRPO).")
+    decay: float = Field(
+        0.9, ge=0, lt=1, description="ema = decay * ema + (1 - decay) * weights (0.9 in Flow-GRPO); with `ramp`, its cap."
+    )
     every: int = Field(8, ge=1, description="Update the average every this many optimizer updates (8 in Flow-GRPO).")
     device: Literal["same", "cpu"] = Field(
         "same", description="Keep the average on the training device or in CPU memory."
+    )
+    ramp: float | None = Field(
+        None,
+        gt=0,
+        description="Scheduled decay min(ramp (u - ramp_after), decay) at the u-th update, 0 before (DiffusionNFT: 0.001, cap 0.5).",
+    )
+    ramp_after: int = Field(0, ge=0, description="Updates with decay 0 before the ramp starts (DiffusionNFT's OCR recipe: 75).")
+    rollout: bool = Field(
+        False,
+        description="Sample rollouts with the average: DiffusionNFT's soft-updated old policy (one process only).",
     )
 
 
@@ -240,6 +252,14 @@ class RunConfig(StrictModel):
         if ".." in value.parts:
             raise ValueError("must not contain '..'")
         return value
+
+    @model_validator(mode="after")
+    def _ema_rollout_on_one_process(self) -> RunConfig:
+        if self.train.ema is not None and self.train.ema.rollout and self.distributed.backend != "none":
+            raise ValueError(
+                "train.ema.rollout (sampling with the EMA) runs on one process only; set distributed.backend: none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_reward_names(self) -> RunConfig:

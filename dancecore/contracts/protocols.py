@@ -199,6 +199,11 @@ class TrainingServices(Protocol):
         """The mean of each value over ranks (the values themselves on one process); every rank calls it."""
         ...
 
+    def rollout_weights(self) -> AbstractContextManager[None]:
+        """Inside the block the policy holds the weights this iteration's rollout sampled with (the
+        EMA with ``train.ema.rollout``, DiffusionNFT's old policy; otherwise the trained weights)."""
+        ...
+
     def generator(self, purpose: str, *keys: int) -> torch.Generator:
         """A generator seeded by (run seed, purpose, this iteration's draw, keys): the same on resume."""
         ...

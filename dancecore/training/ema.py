@@ -1,6 +1,7 @@
 """An exponential moving average of the trained weights: fp32, optionally in CPU memory, updated
 every ``every`` optimizer updates, saved in every checkpoint (``ema.safetensors``) and restored
-bit for bit on resume. Evaluation can swap it in (:meth:`EmaWeights.swapped_in`)."""
+bit for bit on resume. Evaluation can swap it in (:meth:`EmaWeights.swapped_in`), and with
+``rollout: true`` so do rollouts: the average is then DiffusionNFT's soft-updated old policy."""
 
 from __future__ import annotations
 
@@ -28,10 +29,19 @@ class EmaWeights:
         """Whether the average is updated after the ``updates``-th successful optimizer update."""
         return updates > 0 and updates % self.config.every == 0
 
+    def decay_at(self, updates: int) -> float:
+        """The decay used after the ``updates``-th optimizer update: constant, or with ``ramp``
+        ``min(ramp (updates - ramp_after), decay)`` and 0 before ``ramp_after`` (DiffusionNFT's
+        schedule for its old policy)."""
+        c = self.config
+        if c.ramp is None:
+            return c.decay
+        return 0.0 if updates < c.ramp_after else min(c.ramp * (updates - c.ramp_after), c.decay)
+
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold the current weights into the average."""
-        decay = self.config.decay
+    def update(self, updates: int = 0) -> None:
+        """Fold the current weights into the average (the decay of the ``updates``-th update)."""
+        decay = self.decay_at(updates)
         for name, weights in self.engine.model_state().items():
             average = self.tensors[name]
             average.mul_(decay).add_(weights.detach().to(average.device, torch.float32), alpha=1.0 - decay)

@@ -103,7 +103,7 @@ class CoreServices:
             self.state.nonfinite_in_a_row = 0
             self.lr_schedule.step()  # counts the applied updates
             if self._ema is not None and self._ema.due(self.lr_schedule.updates):
-                self._ema.update()
+                self._ema.update(self.lr_schedule.updates)
         else:  # the engine did not step and dropped the gradients
             self._count_skip("non-finite gradient norm")
         return norm
@@ -125,6 +125,13 @@ class CoreServices:
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank."""
         return self.engine.any_rank(flag)
+
+    def rollout_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Inside the block the policy holds the weights rollouts sample with (the EMA with
+        ``train.ema.rollout``; otherwise the trained weights, unchanged)."""
+        if self._ema is not None and self._ema.config.rollout:
+            return self._ema.swapped_in(self.policy.module)
+        return contextlib.nullcontext()
 
     def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
         """The mean of each value over ranks."""

@@ -197,7 +197,20 @@ class Trainer:
         stochastic: torch.Tensor,
         on_micro_batch: Callable[[slice, torch.Tensor], None] | None = None,
     ) -> Trajectory:
-        """G trajectories per prompt of this rank (see :func:`~dancecore.training.sampling.grouped_rollout`)."""
+        """G trajectories per prompt of this rank (see :func:`~dancecore.training.sampling.grouped_rollout`),
+        sampled with the EMA weights when ``train.ema.rollout`` is set."""
+        old_policy = self.ema is not None and self.ema.config.rollout
+        with self.ema.swapped_in(self.policy.module) if old_policy and self.ema else contextlib.nullcontext():
+            return self._rollout(draw, cond, schedule, stochastic, on_micro_batch)
+
+    def _rollout(
+        self,
+        draw: int,
+        cond: Any,
+        schedule: Schedule,
+        stochastic: torch.Tensor,
+        on_micro_batch: Callable[[slice, torch.Tensor], None] | None,
+    ) -> Trajectory:
         return sampling.grouped_rollout(
             self.policy,
             self.sampler,
