@@ -110,7 +110,10 @@ class EmaConfig(StrictModel):
     """An exponential moving average of the trained weights (fp32), kept in every checkpoint."""
 
     decay: float = Field(
-        0.9, ge=0, lt=1, description="ema = decay * ema + (1 - decay) * weights (0.9 in Flow-GRPO); with `ramp`, its cap."
+        0.9,
+        ge=0,
+        lt=1,
+        description="ema = decay * ema + (1 - decay) * weights (0.9 in Flow-GRPO); with `ramp`, its cap.",
     )
     every: int = Field(8, ge=1, description="Update the average every this many optimizer updates (8 in Flow-GRPO).")
     device: Literal["same", "cpu"] = Field(
@@ -121,7 +124,9 @@ class EmaConfig(StrictModel):
         gt=0,
         description="Scheduled decay min(ramp (u - ramp_after), decay) at the u-th update, 0 before (DiffusionNFT: 0.001, cap 0.5).",
     )
-    ramp_after: int = Field(0, ge=0, description="Updates with decay 0 before the ramp starts (DiffusionNFT's OCR recipe: 75).")
+    ramp_after: int = Field(
+        0, ge=0, description="Updates with decay 0 before the ramp starts (DiffusionNFT's OCR recipe: 75)."
+    )
     rollout: bool = Field(
         False,
         description="Sample rollouts with the average: DiffusionNFT's soft-updated old policy (one process only).",
