@@ -8,7 +8,7 @@ PIP := $(BIN)/pip
 TORCH := torch==2.14.1 torchvision==0.29.1
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 
-.PHONY: quickstart test install install-dev bench bench-algorithms gpu-check lint docs clean
+.PHONY: quickstart test install install-dev bench bench-algorithms ablations gpu-check lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(VENV)/.installed-dev
 # Every algorithm recipe on the shapes world, interleaved, 3 seeds: time to a held-out target (~2 h on 2 cores).
 bench-algorithms: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.algorithms
+
+# The paper's ablations in miniature on the shapes world (noise sharing, timestep fraction, reward, best-of-N, G).
+ablations: $(VENV)/.installed-dev
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablations
 
 # Real-size FLUX.1 / SD1.4 / HunyuanVideo networks on one GPU, no downloads (docs/performance.md).
 gpu-check: $(VENV)/.installed-dev
