@@ -61,3 +61,16 @@ def test_every_recipe_config_exists():
     for recipe, config in RECIPES.items():
         if config is not None:
             assert config.is_file(), recipe
+
+
+def test_every_ablation_variant_is_a_valid_config_change():
+    from benchmarks.ablations import VARIANTS
+    from benchmarks.algorithms import GRPO
+    from dancecore.config.schema import load_run
+
+    base = load_run(GRPO, ["output_dir=x"])
+    for name, overrides in VARIANTS.items():
+        run = load_run(GRPO, [*overrides, "output_dir=x"])
+        changed = run.algorithm.config != base.algorithm.config or run.sampler.config != base.sampler.config
+        changed = changed or run.rewards[0].config != base.rewards[0].config
+        assert changed == bool(overrides), name
