@@ -13,7 +13,7 @@ from dancecore.contracts.records import PromptBatch, select_rows
 from dancecore.training import sampling
 
 
-def _rollout(policy: Any, sampler: FlowSDESampler, cond: Any, seed: int) -> Any:
+def _rollout(policy: Any, sampler: Any, cond: Any, seed: int) -> Any:
     calls = sampling.NetworkCalls(torch.device("cpu"), 2, lambda: torch.autocast("cpu", enabled=False))
     schedule = sampler.schedule()
     return sampling.grouped_rollout(
