@@ -396,6 +396,9 @@ def test_a_sequence_parallel_group_shares_prompts_and_noise(tmp_path: Path) -> N
         for r in range(4)
     ]
     plain = [Trainer(run, rank=r, world_size=2) for r in range(2)]
+    alone = validate(deep_update(TINY_RUN, {"output_dir": str(tmp_path), "distributed": {"sequence_parallel": 2}}))
+    with pytest.raises(ConfigError, match=r"distributed.sequence_parallel: 2 needs that many ranks"):
+        Trainer(alone)  # one process without a group: refused, not silently unsplit
     assert [t.scores_samples for t in ranks] == [True, False, True, False]
     rollouts = [_rollout(t, 1) for t in ranks]
     for first, second, alone in ((0, 1, 0), (2, 3, 1)):

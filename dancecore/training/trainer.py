@@ -18,7 +18,7 @@ import torch
 
 from dancecore import checkpoint as ckpt
 from dancecore.builtins.algorithms import ClippedRatioAlgorithm
-from dancecore.config.schema import ResolvedRun, RunConfig
+from dancecore.config.schema import ConfigError, ResolvedRun, RunConfig
 from dancecore.contracts.protocols import (
     Algorithm,
     BuildContext,
@@ -90,6 +90,13 @@ class Trainer:
         sp = self.sequence_parallel.size if self.sequence_parallel else 1
         self.data_rank, self.data_world_size = rank // sp, world_size // sp
         self.scores_samples = self.sequence_parallel is None or self.sequence_parallel.rank == 0
+        if cfg.distributed.sequence_parallel > 1 and self.sequence_parallel is None:
+            raise ConfigError(
+                [
+                    f"distributed.sequence_parallel: {cfg.distributed.sequence_parallel} needs that many ranks per "
+                    "group: start the run with --nproc N (or a launcher) and distributed.backend=deepspeed"
+                ]
+            )
         if cfg.train.prompts_per_iteration % self.data_world_size:
             raise TrainingError(
                 f"train.prompts_per_iteration ({cfg.train.prompts_per_iteration}) must be a multiple of the "
