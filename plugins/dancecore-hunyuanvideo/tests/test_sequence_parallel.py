@@ -90,7 +90,9 @@ def test_split_networks_match_one_rank(tmp_path: Path, make_image) -> None:
         assert measured["gradient_scale"] > 1e-3, (name, measured)  # the loss reaches the weights
 
 
-def _train(out: Path, *extra: str, nproc: int | None = None) -> subprocess.Popen[str]:
+def _train(
+    out: Path, *extra: str, nproc: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     args = ["train", "configs/hunyuanvideo/videoalign.yaml", f"output_dir={out}", *TINY, *extra]
     if nproc:
         args += ["--nproc", str(nproc)]
@@ -122,7 +124,8 @@ def test_recipe_on_two_ranks_matches_one_rank_and_resumes_after_sigkill(tmp_path
     one = tmp_path / "one-rank"
     reference = _train(one, "distributed.backend=deepspeed")  # runs beside the 2-rank run
     split = tmp_path / "sp"
-    first = _train(split, "distributed.sequence_parallel=2", nproc=2)
+    # The fault suite's hook: 1 s after every checkpoint file, so the kill lands before the run ends.
+    first = _train(split, "distributed.sequence_parallel=2", nproc=2, env={"DANCECORE_FAULT_SAVE_DELAY": "1"})
     log = tmp_path / "sp.log"
     deadline = time.monotonic() + 300
     while not (split / "checkpoints" / "iter-00000001").is_dir() and first.poll() is None:
