@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "SummarizingReward": "dancecore.contracts.protocols",
     "Optimizer": "dancecore.contracts.protocols",
     "BuildContext": "dancecore.contracts.protocols",
+    "SequenceParallelGroup": "dancecore.contracts.protocols",
     # records that flow between components
     "Prompt": "dancecore.contracts.records",
     "PromptBatch": "dancecore.contracts.records",
@@ -54,6 +55,15 @@ _EXPORTS: dict[str, str] = {
     "attention_backend_of": "dancecore.plugin_kit.attention",
     "attention_backend_problem": "dancecore.plugin_kit.attention",
     "encoder_attention": "dancecore.plugin_kit.attention",
+    # sequence parallelism (distributed.sequence_parallel)
+    "sequence_parallel_active": "dancecore.plugin_kit.sequence_parallel",
+    "sequence_parallel_problems": "dancecore.plugin_kit.sequence_parallel",
+    "split_tokens": "dancecore.plugin_kit.sequence_parallel",
+    "gather_tokens": "dancecore.plugin_kit.sequence_parallel",
+    "tokens_to_heads": "dancecore.plugin_kit.sequence_parallel",
+    "heads_to_tokens": "dancecore.plugin_kit.sequence_parallel",
+    "split_output_hook": "dancecore.plugin_kit.sequence_parallel",
+    "gather_output_hook": "dancecore.plugin_kit.sequence_parallel",
     # weights and tiny presets
     "resolve_pretrained": "dancecore.plugin_kit.weights",
     "plugin_weights": "dancecore.plugin_kit.weights",
@@ -118,6 +128,7 @@ if TYPE_CHECKING:  # static checkers see the real names
         Policy,
         Reward,
         Sampler,
+        SequenceParallelGroup,
         StatefulAlgorithm,
         SummarizingReward,
         TrainingServices,
@@ -161,6 +172,16 @@ if TYPE_CHECKING:  # static checkers see the real names
     from dancecore.plugin_kit.export import flow_match_scheduler
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
+    from dancecore.plugin_kit.sequence_parallel import (
+        gather_output_hook,
+        gather_tokens,
+        heads_to_tokens,
+        sequence_parallel_active,
+        sequence_parallel_problems,
+        split_output_hook,
+        split_tokens,
+        tokens_to_heads,
+    )
     from dancecore.plugin_kit.weights import (
         TINY_TOKENIZER,
         TinyTokenizerIds,

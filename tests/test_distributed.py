@@ -359,3 +359,52 @@ def test_groups_stay_on_one_rank_and_samples_match_any_world_size(trainers: dict
     # and different samples get different noise, across ranks too
     finals = torch.cat([parts[0].latents[:, 1], parts[1].latents[:, 1]]).flatten(1)
     assert torch.unique(finals, dim=0).shape[0] == finals.shape[0]
+
+
+def test_sequence_parallel_degree_is_checked_against_ranks_prompts_and_policy() -> None:
+    from dancecore.distributed.config import sequence_parallel_errors
+    from dancecore.testing import TinyFlowPolicy
+
+    cfg = run_config(distributed={"sequence_parallel": 2}, train={"prompts_per_iteration": 3})
+    assert sequence_parallel_errors(cfg, 3) == [
+        "distributed.sequence_parallel: 2 does not divide the number of ranks (3)"
+    ]
+    assert sequence_parallel_errors(cfg, 4) == [
+        "train.prompts_per_iteration: 3 is not a multiple of the 2 sequence-parallel groups "
+        "(4 ranks / distributed.sequence_parallel 2)"
+    ]
+    [unsupported] = sequence_parallel_errors(cfg, 2, TinyFlowPolicy)
+    assert unsupported.startswith("distributed.sequence_parallel: policy 'testing-tiny' does not split")
+    assert sequence_parallel_errors(run_config(), 3, TinyFlowPolicy) == []
+
+
+def test_a_sequence_parallel_group_shares_prompts_and_noise(tmp_path: Path) -> None:
+    """4 ranks, groups {0, 1} and {2, 3}: a group's ranks roll out the same samples, bit for bit,
+    and only its first rank scores; the groups split the prompts as 2 plain ranks would."""
+    from dancecore.config.schema import validate
+    from dancecore.contracts.protocols import SequenceParallelGroup
+    from tests.conftest import TINY_RUN, deep_update
+
+    run = validate(deep_update(TINY_RUN, {"output_dir": str(tmp_path), "train": {"prompts_per_iteration": 4}}))
+    ranks = [
+        Trainer(
+            run,
+            rank=r,
+            world_size=4,
+            sequence_parallel=SequenceParallelGroup(2, r % 2, None, (r - r % 2, r - r % 2 + 1)),
+        )
+        for r in range(4)
+    ]
+    plain = [Trainer(run, rank=r, world_size=2) for r in range(2)]
+    alone = validate(deep_update(TINY_RUN, {"output_dir": str(tmp_path), "distributed": {"sequence_parallel": 2}}))
+    with pytest.raises(ConfigError, match=r"distributed.sequence_parallel: 2 needs that many ranks"):
+        Trainer(alone)  # one process without a group: refused, not silently unsplit
+    assert [t.scores_samples for t in ranks] == [True, False, True, False]
+    rollouts = [_rollout(t, 1) for t in ranks]
+    for first, second, alone in ((0, 1, 0), (2, 3, 1)):
+        assert (
+            ranks[first].global_prompt_ids(1) == ranks[second].global_prompt_ids(1) == plain[alone].global_prompt_ids(1)
+        )
+        assert torch.equal(rollouts[first].latents, rollouts[second].latents)
+        assert torch.equal(rollouts[first].log_probs, rollouts[second].log_probs)
+        assert torch.equal(rollouts[first].latents, _rollout(plain[alone], 1).latents)

@@ -199,6 +199,13 @@ class DistributedConfig(StrictModel):
         "3 also the weights.",
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer states (and the step) in CPU memory (ZeRO 1-3).")
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="Ranks that share one sample's tokens (DeepSpeed-Ulysses: attention by all-to-all over heads); "
+        "must divide the number of ranks, the policy's attention heads and its video tokens. Video policies only "
+        "(hunyuanvideo, skyreels-i2v, wan-t2v); see docs/distributed.md.",
+    )
     offload_params: bool = Field(False, description="Keep partitioned weights in CPU memory (ZeRO 3 only).")
     deepspeed_config: dict[str, Any] | None = Field(
         None,

@@ -30,8 +30,29 @@ from dancecore.contracts.records import (
 
 
 @dataclass(frozen=True)
+class SequenceParallelGroup:
+    """The ranks that share one sample's tokens (``distributed.sequence_parallel``).
+
+    ``size`` ranks, this one at position ``rank`` among them; ``group`` is their
+    ``torch.distributed`` process group (``None`` only in single-process tests of validation).
+    Every rank of a group holds the same samples; a policy that supports sequence parallelism
+    splits its networks' token sequence over the group (see docs/distributed.md).
+    """
+
+    size: int = 1
+    rank: int = 0
+    group: Any = None
+    ranks: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
 class BuildContext:
-    """What every component is told when it is built."""
+    """What every component is told when it is built.
+
+    ``rank``/``world_size`` are the process's; ``sequence_parallel`` (when set, size > 1) is the
+    group of ranks sharing this rank's samples. A policy declares that it splits its sequence over
+    such a group with the class attribute ``supports_sequence_parallel = True``.
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -39,6 +60,7 @@ class BuildContext:
     rank: int = 0
     world_size: int = 1
     output_dir: Path | None = None
+    sequence_parallel: SequenceParallelGroup | None = None
 
 
 @runtime_checkable

@@ -12,6 +12,7 @@ import torch
 from dancecore.config.schema import ConfigError, RunConfig
 
 PASSTHROUGH = "distributed.deepspeed_config"
+SEQUENCE_PARALLEL = "distributed.sequence_parallel"
 
 # Keys dancecore derives from its own settings: the passthrough may repeat them, not contradict them.
 _DERIVED_FROM = {
@@ -219,3 +220,26 @@ def deepspeed_config(cfg: RunConfig, *, check_with_deepspeed: bool = True) -> di
     if errors:
         raise ConfigError(errors)
     return merged
+
+
+def sequence_parallel_errors(cfg: RunConfig, world_size: int, policy_cls: Any = None) -> list[str]:
+    """What stops ``distributed.sequence_parallel`` on ``world_size`` ranks, each naming its key:
+    the degree must divide the ranks, the prompts of an iteration must share out over the groups,
+    and the policy must split its sequence (class attribute ``supports_sequence_parallel``)."""
+    sp = cfg.distributed.sequence_parallel
+    if sp == 1:
+        return []
+    errors = []
+    if world_size % sp:
+        errors.append(f"{SEQUENCE_PARALLEL}: {sp} does not divide the number of ranks ({world_size})")
+    elif cfg.train.prompts_per_iteration % (world_size // sp):
+        errors.append(
+            f"train.prompts_per_iteration: {cfg.train.prompts_per_iteration} is not a multiple of the "
+            f"{world_size // sp} sequence-parallel groups ({world_size} ranks / {SEQUENCE_PARALLEL} {sp})"
+        )
+    if policy_cls is not None and not getattr(policy_cls, "supports_sequence_parallel", False):
+        errors.append(
+            f"{SEQUENCE_PARALLEL}: policy {cfg.policy.name!r} does not split its sequence over ranks "
+            "(hunyuanvideo, skyreels-i2v and wan-t2v do); set it to 1"
+        )
+    return errors

@@ -8,6 +8,10 @@ The GRPO semantics across ranks are the trainer's and do not change here:
 - each rank accumulates ``loss / (its samples x steps)`` and DeepSpeed *averages* gradients over
   ranks: N ranks with B/N samples each take the same step as one process with B;
 - metrics are averaged over ranks before rank 0 logs them; only rank 0 writes files.
+- with ``distributed.sequence_parallel: N`` the N ranks of a group hold the same samples (one
+  data-parallel rank); the policy's collectives make each rank's gradient a share whose group sum
+  is N times the group's gradient, so the same average over all ranks is the mean over groups
+  (docs/distributed.md, section 8).
 
 :class:`DeepSpeedEngine` adapts a DeepSpeed engine to the :class:`~dancecore.training.engine.TrainEngine`
 protocol. Checkpoints hold the gathered fp32 weights and the full AdamW moments in the same

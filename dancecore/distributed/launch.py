@@ -66,12 +66,15 @@ def launch_local(args: argparse.Namespace) -> int:
     nproc = int(args.nproc)
     run = load_run(Path(args.config), args.overrides)
     cfg = run.config
-    if cfg.train.prompts_per_iteration % nproc:
-        from dancecore.config.schema import ConfigError
+    from dancecore.config.schema import ConfigError
 
-        raise ConfigError(
-            [f"train.prompts_per_iteration: {cfg.train.prompts_per_iteration} is not a multiple of --nproc {nproc}"]
+    errors = distributed.sequence_parallel_errors(cfg, nproc, run.policy.cls)
+    if cfg.distributed.sequence_parallel == 1 and cfg.train.prompts_per_iteration % nproc:
+        errors.append(
+            f"train.prompts_per_iteration: {cfg.train.prompts_per_iteration} is not a multiple of --nproc {nproc}"
         )
+    if errors:
+        raise ConfigError(errors)
     cuda = torch.cuda.is_available() and not cfg.train.device.startswith("cpu")
     if cuda and torch.cuda.device_count() < nproc:
         print(f"warning: --nproc {nproc} but {torch.cuda.device_count()} GPU(s) visible", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dancecore.config.schema import RunConfig
+from dancecore.contracts.protocols import SequenceParallelGroup
 from dancecore.distributed.config import _deepspeed, _select_accelerator
 
 # ----------------------------------------------------------------------------- process set-up
@@ -92,6 +93,23 @@ def init_process_group(cuda: bool) -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def sequence_parallel_group(size: int, rank: int, world_size: int) -> SequenceParallelGroup | None:
+    """This rank's group of ``size`` consecutive ranks (ranks 0..N-1, N..2N-1, ...: on one node
+    when N divides the GPUs per node, where all-to-all is fastest); None when ``size`` is 1.
+
+    Every rank creates every group, in the same order, as ``torch.distributed.new_group`` requires.
+    """
+    if size == 1:
+        return None
+    ours = None
+    for start in range(0, world_size, size):
+        ranks = tuple(range(start, start + size))
+        group = torch.distributed.new_group(list(ranks))
+        if rank in ranks:
+            ours = SequenceParallelGroup(size=size, rank=rank - start, group=group, ranks=ranks)
+    return ours
 
 
 def _quiet_deepspeed() -> None:

@@ -26,6 +26,8 @@ Modules: :mod:`~dancecore.testing.kits` (the conformance checks),
 :mod:`~dancecore.testing.tiny_policy` (the tiny policies), :mod:`~dancecore.testing.helpers`,
 :mod:`~dancecore.testing.pipelines` (the deterministic rollout, for pipeline-equivalence tests).
 :mod:`~dancecore.testing.serving_kit` (``serve_rewards``, ``check_served_reward``: a reward over HTTP).
+:mod:`~dancecore.testing.sequence_parallel_kit` (``sequence_parallel_differences``: a split policy
+against the whole one, on every rank of a sequence-parallel group).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_b
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
 from dancecore.testing.pipelines import DeterministicRollout, deterministic_rollout
 from dancecore.testing.reward_kit import check_reward_plugin
+from dancecore.testing.sequence_parallel_kit import sequence_parallel_differences
 from dancecore.testing.serving_kit import check_served_reward, serve_rewards
 from dancecore.testing.tiny_policy import TinyConditioning, TinyEpsilonPolicy, TinyFlowPolicy
 from dancecore.training.prompts import read_prompt_file
@@ -67,6 +70,7 @@ __all__ = [
     "read_prompt_file",
     "recipe_overrides",
     "sample_images",
+    "sequence_parallel_differences",
     "serve_rewards",
     "trainable_steps",
     "validate",

@@ -52,7 +52,8 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
     # 3. rollout (with train.overlap_reward, each micro-batch is decoded and scored as soon as it is done)
     schedule = sampling.rollout_schedule(trainer.sampler, draw)
     stochastic = sampling.stochastic_mask(trainer.sampler, schedule.num_steps, draw)
-    overlap = overlapped_scoring(trainer, prompts) if cfg.train.overlap_reward else None
+    scores_here = trainer.scores_samples  # with sequence parallelism: the first rank of each group
+    overlap = overlapped_scoring(trainer, prompts) if cfg.train.overlap_reward and scores_here else None
     try:
         with trainer.timed("rollout"):
             traj = trainer.rollout(draw, cond, schedule, stochastic, overlap.on_micro_batch if overlap else None)
@@ -61,19 +62,25 @@ def run_iteration(trainer: Trainer, iteration: int) -> dict[str, Any]:
             overlap.close()
         raise
 
-    # 4. decode
+    # 4. decode (the other ranks of a sequence-parallel group hold the same samples: they skip 4 and 5)
     with trainer.timed("decode"):
-        pixels = (
-            overlap.decoded() if overlap else sampling.decode(trainer.policy, traj.final, cfg.train.micro_batch_size)
-        )
+        if overlap is not None:
+            pixels = overlap.decoded()
+        elif scores_here:
+            pixels = sampling.decode(trainer.policy, traj.final, cfg.train.micro_batch_size)
+        else:
+            pixels = torch.zeros(0)
 
-    # 5. reward
+    # 5. reward (once per sample; a sequence-parallel group shares its first rank's scores)
     texts = [prompts[int(r)].text for r in traj.prompt_rows]
     if overlap is not None:
         scored = score_on_every_rank(trainer, lambda: overlap.result(traj.group_ids))
     else:
         scored = score_on_every_rank(
-            trainer, lambda: score_samples(trainer.rewards, pixels, texts, traj.group_ids, cfg.reward_failure)
+            trainer,
+            (lambda: score_samples(trainer.rewards, pixels, texts, traj.group_ids, cfg.reward_failure))
+            if scores_here
+            else None,
         )
 
     # 6. train
@@ -114,18 +121,20 @@ def overlapped_scoring(trainer: Trainer, prompts: list[Prompt]) -> OverlappedSco
     return OverlappedScoring(trainer.policy, trainer.rewards, texts, trainer.cfg.reward_failure)
 
 
-def score_on_every_rank(trainer: Trainer, score: Callable[[], ScoringResult]) -> ScoringResult:
-    """Score under the reward-failure policy; a failure on any rank stops every rank together."""
+def score_on_every_rank(trainer: Trainer, score: Callable[[], ScoringResult] | None) -> ScoringResult:
+    """Score under the reward-failure policy; a failure on any rank stops every rank together.
+    ``score`` is None on the ranks of a sequence-parallel group that receive their first rank's result."""
     failure: RewardFailure | None = None
     scored: ScoringResult | None = None
     try:
         with trainer.timed("reward"):
-            scored = score()
+            scored = score() if score is not None else None
     except RewardFailure as exc:
         failure = exc
         trainer.state.counters["reward_failures"] += 1
     if trainer.engine.any_rank(failure is not None):  # every rank stops (and checkpoints) together
         raise failure or RewardFailure("?", "a reward failed on another rank")
+    scored = trainer.shared_with_group(scored)
     assert scored is not None
     trainer.state.counters["reward_failures"] += scored.failures
     trainer.state.counters["dropped_groups"] += scored.dropped_groups
@@ -153,7 +162,7 @@ def metrics_record(
     reduced = dict(zip(keys, trainer.engine.all_reduce_mean([local[k] for k in keys]), strict=True))
     for key in SUMMED_OVER_RANKS:
         if key in reduced:
-            reduced[key] *= trainer.world_size
+            reduced[key] *= trainer.data_world_size  # each sequence-parallel group counted once
     record: dict[str, Any] = {"iteration": iteration, **reduced, "seconds": time.perf_counter() - began}
     record.update({f"time/{phase}_s": seconds for phase, seconds in trainer.phase_times.items()})  # this rank's
     record["skipped_updates"] = trainer.state.counters["skipped_updates"]

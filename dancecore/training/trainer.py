@@ -18,13 +18,14 @@ import torch
 
 from dancecore import checkpoint as ckpt
 from dancecore.builtins.algorithms import ClippedRatioAlgorithm
-from dancecore.config.schema import ResolvedRun, RunConfig
+from dancecore.config.schema import ConfigError, ResolvedRun, RunConfig
 from dancecore.contracts.protocols import (
     Algorithm,
     BuildContext,
     Policy,
     ReferenceAlgorithm,
     Sampler,
+    SequenceParallelGroup,
     StatefulAlgorithm,
 )
 from dancecore.contracts.records import Prompt, Schedule, Trajectory
@@ -71,23 +72,47 @@ class Trainer:
     clock = staticmethod(time.perf_counter)  # what :meth:`timed` reads; benchmarks may use CPU time
 
     def __init__(
-        self, run: ResolvedRun, engine_factory: EngineFactory | None = None, *, rank: int = 0, world_size: int = 1
+        self,
+        run: ResolvedRun,
+        engine_factory: EngineFactory | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        sequence_parallel: SequenceParallelGroup | None = None,
     ) -> None:
         cfg = run.config
         self.run, self.cfg, self.output_dir = run, cfg, cfg.output_dir
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
-        if cfg.train.prompts_per_iteration % world_size:
+        # The ranks of a sequence-parallel group hold the same samples: prompts are shared out over
+        # the groups (data-parallel ranks), and only a group's first rank decodes and scores.
+        self.sequence_parallel = sequence_parallel if sequence_parallel and sequence_parallel.size > 1 else None
+        sp = self.sequence_parallel.size if self.sequence_parallel else 1
+        self.data_rank, self.data_world_size = rank // sp, world_size // sp
+        self.scores_samples = self.sequence_parallel is None or self.sequence_parallel.rank == 0
+        if cfg.distributed.sequence_parallel > 1 and self.sequence_parallel is None:
+            raise ConfigError(
+                [
+                    f"distributed.sequence_parallel: {cfg.distributed.sequence_parallel} needs that many ranks per "
+                    "group: start the run with --nproc N (or a launcher) and distributed.backend=deepspeed"
+                ]
+            )
+        if cfg.train.prompts_per_iteration % self.data_world_size:
             raise TrainingError(
                 f"train.prompts_per_iteration ({cfg.train.prompts_per_iteration}) must be a multiple of the "
-                f"number of ranks ({world_size})"
+                f"number of ranks ({world_size}) divided by distributed.sequence_parallel ({sp})"
             )
         check_writable(self.output_dir)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.device = pick_device(cfg.train.device)
         context = BuildContext(
-            device=self.device, seed=cfg.seed, rank=rank, world_size=world_size, output_dir=self.output_dir
+            device=self.device,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            output_dir=self.output_dir,
+            sequence_parallel=self.sequence_parallel,
         )
         self.order = PromptOrder(
             load_prompts(cfg.prompts), cfg.train.prompts_per_iteration, cfg.seed, cfg.prompts.shuffle
@@ -178,12 +203,23 @@ class Trainer:
             self.phase_times[phase] = self.phase_times.get(phase, 0.0) + self.clock() - began
 
     def local_prompts(self, iteration: int) -> list[Prompt]:
-        """This rank's share of the prompts at the data cursor (disjoint across ranks)."""
-        return self.order.batch_at(self.state.data_cursor)[self.rank :: self.world_size]
+        """This rank's share of the prompts at the data cursor (disjoint across data-parallel ranks;
+        the same on every rank of a sequence-parallel group)."""
+        return self.order.batch_at(self.state.data_cursor)[self.data_rank :: self.data_world_size]
 
     def global_prompt_ids(self, iteration: int) -> list[int]:
         """Global positions (in the iteration) of this rank's prompts."""
-        return list(range(self.cfg.train.prompts_per_iteration))[self.rank :: self.world_size]
+        return list(range(self.cfg.train.prompts_per_iteration))[self.data_rank :: self.data_world_size]
+
+    def shared_with_group(self, value: Any) -> Any:
+        """``value`` as the first rank of this rank's sequence-parallel group has it (``value``
+        itself without sequence parallelism)."""
+        sp = self.sequence_parallel
+        if sp is None:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=sp.ranks[0], group=sp.group)
+        return box[0]
 
     def stochastic_mask(self, num_steps: int, iteration: int) -> torch.Tensor:
         """Which steps the sampler takes stochastically this iteration (all, unless it has a window)."""

@@ -27,11 +27,13 @@ from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
     NetworkOptions,
+    SequenceParallelGroup,
     encoder_attention,
     flow_match_scheduler,
     materialise,
     prepare_trainable,
     resolve_pretrained,
+    sequence_parallel_active,
     write_tiny_tokenizer,
 )
 
@@ -164,6 +166,8 @@ class HunyuanVideoBackbone:
         defaults: dict[str, int],
         image_conditioned: bool,
         transformer_root: Path | None = None,
+        sequence_parallel: SequenceParallelGroup | None = None,
+        what: str = "HunyuanVideo",
     ) -> None:
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
@@ -209,6 +213,11 @@ class HunyuanVideoBackbone:
             spatial_ratio=int(self.vae.config.spatial_compression_ratio),
             temporal_ratio=int(self.vae.config.temporal_compression_ratio),
         )
+        if sequence_parallel_active(sequence_parallel):
+            from dancecore_hunyuanvideo.sequence_parallel import enable_sequence_parallel
+
+            assert sequence_parallel is not None
+            enable_sequence_parallel(self.module, sequence_parallel, self.geometry.latent_shape, what)
         self.template, declared_crop = hunyuan_prompt_template()
         if options.template_crop_start is not None:
             self.crop_start = options.template_crop_start
@@ -358,6 +367,7 @@ def load_backbone(
     what: str,
     defaults: dict[str, int],
     image_conditioned: bool,
+    sequence_parallel: SequenceParallelGroup | None = None,
 ) -> HunyuanVideoBackbone:
     """Resolve the weights (tiny preset or a real checkpoint) and load them."""
     if options.preset == "tiny":
@@ -368,7 +378,14 @@ def load_backbone(
         None if options.transformer is None else resolve_pretrained(options.transformer, f"{what} transformer")
     )
     return HunyuanVideoBackbone(
-        root, options, device, defaults=defaults, image_conditioned=image_conditioned, transformer_root=transformer_root
+        root,
+        options,
+        device,
+        defaults=defaults,
+        image_conditioned=image_conditioned,
+        transformer_root=transformer_root,
+        sequence_parallel=sequence_parallel,
+        what=what,
     )
 
 

@@ -83,6 +83,8 @@ class SkyReelsI2VPolicy:
         embedded_guidance: float = Field(1.0, ge=0, description="Value fed to the guidance embedding, if any.")
 
     prediction_type = "flow"
+    #: the transformer splits its video tokens over ``distributed.sequence_parallel`` ranks
+    supports_sequence_parallel = True
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         context = context or BuildContext()
@@ -90,7 +92,12 @@ class SkyReelsI2VPolicy:
         self.device = context.device
         defaults = TINY_DEFAULTS if config.preset == "tiny" else DEFAULTS
         self.backbone = load_backbone(
-            config, self.device, what="SkyReels-V1 I2V", defaults=defaults, image_conditioned=True
+            config,
+            self.device,
+            what="SkyReels-V1 I2V",
+            defaults=defaults,
+            image_conditioned=True,
+            sequence_parallel=context.sequence_parallel,
         )
         self.module = self.backbone.module
         self.geometry = self.backbone.geometry

@@ -42,6 +42,8 @@ class HunyuanVideoPolicy:
         guidance: float = Field(6.0, ge=0, description="Value fed to the distilled guidance embedding.")
 
     prediction_type = "flow"
+    #: the transformer splits its video tokens over ``distributed.sequence_parallel`` ranks
+    supports_sequence_parallel = True
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         context = context or BuildContext()
@@ -49,7 +51,12 @@ class HunyuanVideoPolicy:
         self.device = context.device
         defaults = TINY_DEFAULTS if config.preset == "tiny" else DEFAULTS
         self.backbone = load_backbone(
-            config, self.device, what="HunyuanVideo", defaults=defaults, image_conditioned=False
+            config,
+            self.device,
+            what="HunyuanVideo",
+            defaults=defaults,
+            image_conditioned=False,
+            sequence_parallel=context.sequence_parallel,
         )
         self.module = self.backbone.module
         self.geometry = self.backbone.geometry

@@ -37,6 +37,7 @@ from dancecore import (
     materialise,
     prepare_trainable,
     resolve_pretrained,
+    sequence_parallel_active,
     write_tiny_tokenizer,
 )
 
@@ -117,6 +118,8 @@ class WanT2VPolicy:
             return self
 
     prediction_type = "flow"
+    #: the transformer splits its video tokens over ``distributed.sequence_parallel`` ranks
+    supports_sequence_parallel = True
 
     def __init__(self, config: Config, context: BuildContext | None = None) -> None:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -153,6 +156,11 @@ class WanT2VPolicy:
             self.height // spatial,
             self.width // spatial,
         )
+        if sequence_parallel_active(context.sequence_parallel):
+            from dancecore_wan.sequence_parallel import enable_sequence_parallel
+
+            assert context.sequence_parallel is not None
+            enable_sequence_parallel(self.module, context.sequence_parallel, self.latent_shape)
         channels = int(vae_config.z_dim)
         self.latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, channels, 1, 1, 1)
         self.latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, channels, 1, 1, 1)
