@@ -36,8 +36,22 @@ install-dev: $(VENV)/.installed-dev
 quickstart: $(VENV)/.installed
 	$(BIN)/dancecore train configs/quickstart.yaml --resume
 
+# The test matrix in two streams, one per core: the core session beside all the others (lint and one
+# session per plugin), each line prefixed with its stream. `make test TEST_JOBS=1` runs them one by one.
+TEST_JOBS ?= 2
+NOX := $(BIN)/nox --no-error-on-missing-interpreters
 test: $(VENV)/.installed-dev
-	$(BIN)/nox --no-error-on-missing-interpreters
+ifeq ($(TEST_JOBS),1)
+	$(NOX)
+else
+	@set -o pipefail; status=0; \
+	rest=$$($(NOX) -l --json 2>/dev/null | $(BIN)/python -c "import json, sys; print(' '.join(s['session'] for s in json.load(sys.stdin) if s['session'] != 'core'))"); \
+	( $(NOX) -s core 2>&1 | sed -u 's/^/[core] /' ) & core=$$!; \
+	( $(NOX) -s $$rest 2>&1 | sed -u 's/^/[plugins] /' ) || status=1; \
+	wait $$core || status=1; \
+	if [ $$status = 0 ]; then echo "make test: every session passed"; else echo "make test: a session FAILED (see the [core] / [plugins] lines above)"; fi; \
+	exit $$status
+endif
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.run
