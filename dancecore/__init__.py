@@ -170,8 +170,8 @@ if TYPE_CHECKING:  # static checkers see the real names
     )
     from dancecore.plugin_kit.export import flow_match_scheduler
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
-    from dancecore.plugin_kit.planning import architecture_configs, config_kwargs, on_meta
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
+    from dancecore.plugin_kit.planning import architecture_configs, config_kwargs, on_meta
     from dancecore.plugin_kit.weights import (
         TINY_TOKENIZER,
         TinyTokenizerIds,
