@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from dancecore_flux.policy import TINY_SPEC, FluxPolicy
 
 from dancecore.cli import _main
 from dancecore.planning.verify import compare
-from dancecore_flux.policy import TINY_SPEC, FluxPolicy
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from dancecore import DTYPES, MemoryPlanSpec, architecture_configs, on_meta, prepare_trainable
-from dancecore_hunyuanvideo.common import TINY_DEFAULTS, TINY_SPEC, TIMESTEP_SCALE, HunyuanVideoOptions
+from dancecore_hunyuanvideo.common import TIMESTEP_SCALE, TINY_DEFAULTS, TINY_SPEC, HunyuanVideoOptions
 
 #: The published HunyuanVideo architecture (used when the checkpoint is not on disk).
 ARCHITECTURE = Path(__file__).parent / "architectures" / "hunyuanvideo.json"
