@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from dancecore_hunyuanvideo.skyreels_i2v import SkyReelsI2VPolicy
 from dancecore_hunyuanvideo.t2v import HunyuanVideoPolicy
 

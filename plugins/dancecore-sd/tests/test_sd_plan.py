@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from dancecore_sd.policy import StableDiffusionPolicy
 
 from dancecore.planning.measure import measure_call
-from dancecore_sd.policy import StableDiffusionPolicy
 
 
 def _count(module) -> int:
