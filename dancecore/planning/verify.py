@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dancecore.planning.measure import measure_call
+from dancecore.planning.measure import LiveStorages, measure_call
 from dancecore.planning.states import Setting, model_states
 
 
@@ -77,32 +77,52 @@ def _warm_up() -> None:
     z.square().mean().backward()
 
 
-def _run(policy: str, options: dict[str, Any], rows: int, phase: str) -> dict[str, int]:
-    """In this (fresh) process: materialise the network, run ``phase``, report the RSS peak."""
-    torch.set_num_threads(1)
-    spec = _spec(policy, options)
-    module = spec.trained
-    torch.nn.Module.to(module, torch.float32)
-    torch.manual_seed(0)
-    _warm_up()  # page in the kernels' code first: RSS counts library pages as they are first used
-    before = _rss()
-    module.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.02)
+def _steps(spec: Any, module: torch.nn.Module, rows: int, phase: str) -> None:
     if phase == "rollout":
         with torch.no_grad():
             for _ in range(2):
                 spec.call(module, rows)
-    else:
-        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, foreach=False)
-        for _ in range(2):
-            for _ in range(2):  # two micro-batches per update
-                spec.call(module, rows).float().square().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        return
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, foreach=False)
+    for _ in range(2):
+        for _ in range(2):  # two micro-batches per update
+            spec.call(module, rows).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _materialise(spec: Any) -> torch.nn.Module:
+    module = spec.trained
+    torch.nn.Module.to(module, torch.float32)
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+    return module
+
+
+def _run(policy: str, options: dict[str, Any], rows: int, phase: str) -> dict[str, int]:
+    """In this (fresh) process: materialise the network, run ``phase``, report the RSS peak."""
+    torch.set_num_threads(1)
+    spec = _spec(policy, options)
+    torch.manual_seed(0)
+    _warm_up()  # page in the kernels' code first: RSS counts library pages as they are first used
+    before = _rss()
+    _steps(spec, _materialise(spec), rows, phase)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"measured": peak - before}
+
+
+def measured_tensors(policy: str, options: dict[str, Any], rows: int, phase: str) -> int:
+    """Peak bytes of live tensors (weights, gradients, AdamW moments, activations, temporaries) of
+    the same real CPU run, counted by :class:`LiveStorages` around the real kernels, in this
+    process: no allocator or library overhead, so it also resolves the tiny presets, whose few
+    megabytes the RSS reading cannot."""
+    spec = _spec(policy, options)
+    torch.manual_seed(0)
+    with LiveStorages() as tracker:
+        _steps(spec, _materialise(spec), rows, phase)
+    return tracker.peak
 
 
 def measured(policy: str, options: dict[str, Any], rows: int, phase: str) -> int:
@@ -118,7 +138,9 @@ def measured(policy: str, options: dict[str, Any], rows: int, phase: str) -> int
     return int(json.loads(out.stdout.strip().splitlines()[-1])["measured"])
 
 
-def compare(policy: str, options: dict[str, Any], rows: int) -> list[Agreement]:
-    """Planner vs measured, rollout and training, for one policy configuration."""
+def compare(policy: str, options: dict[str, Any], rows: int, method: str = "rss") -> list[Agreement]:
+    """Planner vs measured, rollout and training, for one policy configuration; ``method``:
+    ``"rss"`` (:func:`measured`) or ``"tensors"`` (:func:`measured_tensors`)."""
     plan = planned(policy, options, rows)
-    return [Agreement(phase, plan[phase], measured(policy, options, rows, phase)) for phase in ("rollout", "training")]
+    measure = measured if method == "rss" else measured_tensors
+    return [Agreement(phase, plan[phase], measure(policy, options, rows, phase)) for phase in ("rollout", "training")]
