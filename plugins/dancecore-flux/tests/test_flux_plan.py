@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dancecore_flux.policy import TINY_SPEC, FluxPolicy
+from dancecore_flux.policy import FluxPolicy
 
 from dancecore.cli import _main
 from dancecore.planning.verify import compare
