@@ -6,7 +6,7 @@
 For each configuration the planner's figure (its one-process fp32 setting: 16 B per parameter of
 weights, gradients and AdamW moments, plus the activation peak measured on the meta device) is
 compared with a real run of the same network on the CPU, in a fresh process: two AdamW steps of two
-micro-batches, peak resident set (``ru_maxrss``) minus the resident set before the weights are
+micro-batches, peak resident set (``VmHWM``, reset first) minus the resident set before the weights are
 allocated (method ``rss``), and the peak of live tensor bytes counted around the real kernels
 (method ``tensors``: no allocator or library overhead, so it resolves the tiny presets, whose few
 megabytes sit below the RSS reading's fixed overhead); :mod:`dancecore.planning.verify` has the

@@ -5,7 +5,7 @@ planner uses, materialised on the CPU (``to_empty`` then random weights), and tr
 in fp32 for two optimizer steps of two micro-batches each (gradient accumulation, so the second
 micro-batch's backward runs with a full set of gradients and the Adam moments of step 1 held, the
 peak of a ZeRO-0/1 or single-process step). It runs in a fresh process and its peak is read from
-the kernel (``ru_maxrss``, the resident set's high-water mark) minus the resident set just before
+the kernel (``VmHWM``, the resident set's high-water mark, reset first) minus the resident set just before
 the weights are allocated: a measurement of the process, independent of the planner's
 dispatch-level accounting. The rollout figure is measured the same way around no-grad forwards.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -70,6 +69,19 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Restart the kernel's resident-set high-water mark (VmHWM) from the current resident set: a
+    child inherits its parent's mark through fork (``ru_maxrss`` would report the parent's peak)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def _warm_up() -> None:
     x = torch.randn(2, 2, 64, 32, requires_grad=True)
     y = torch.nn.functional.scaled_dot_product_attention(x, x, x)
@@ -108,9 +120,9 @@ def _run(policy: str, options: dict[str, Any], rows: int, phase: str) -> dict[st
     torch.manual_seed(0)
     _warm_up()  # page in the kernels' code first: RSS counts library pages as they are first used
     before = _rss()
+    _reset_peak_rss()
     _steps(spec, _materialise(spec), rows, phase)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"measured": peak - before}
+    return {"measured": _peak_rss() - before}
 
 
 def measured_tensors(policy: str, options: dict[str, Any], rows: int, phase: str) -> int:
