@@ -94,3 +94,18 @@ def test_meta_measurement_sees_saved_activations_and_checkpointing():
         return x
 
     assert measure_call(mlp, checkpointed, 1024).saved <= 5 * layer
+
+
+def test_plan_prints_the_table_and_verdict_for_the_8_gpu_recipe(capsys):
+    """The 8-GPU FLUX recipe through the CLI, on the tiny preset (the real-size plan of the same
+    command is in docs/distributed.md; its parameter counts are tested in the FLUX plugin)."""
+    pytest.importorskip("dancecore_flux")
+    torch.set_num_threads(1)
+    tiny = ["policy.pretrained=null", "policy.preset=tiny", "policy.resolution=32", "policy.max_sequence_length=32"]
+    tiny += ["rewards[0].pretrained=null", "rewards[0].preset=tiny"]
+    assert _main(["plan", "configs/flux/hps_8gpu.yaml", *tiny, "--gpus", "8", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "FluxTransformer2DModel" in out and "the tiny preset" in out and "reward hps-v2.1: open_clip tiny" in out
+    assert "| ZeRO-3 + opt offload * |" in out and "| ZeRO-0 |" in out and "not offered" in out
+    assert "verdict: cheapest setting that fits: ZeRO-1" in out
+    assert "the config's setting, ZeRO-3 + opt offload:" in out and "fits" in out

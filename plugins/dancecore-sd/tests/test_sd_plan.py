@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from dancecore_sd.policy import StableDiffusionPolicy
 
-from dancecore.planning.measure import measure_call
+from dancecore.testing import plan_activations
 
 
 def _count(module) -> int:
@@ -21,5 +21,5 @@ def test_published_sd14_architecture_has_the_published_sizes():
 
 def test_tiny_preset_activations_grow_with_the_micro_batch():
     spec = StableDiffusionPolicy.memory_plan_spec(StableDiffusionPolicy.Config(preset="tiny"))
-    one, four = measure_call(spec.trained, spec.call, 1), measure_call(spec.trained, spec.call, 4)
+    one, four = plan_activations(spec, 1), plan_activations(spec, 4)
     assert 0 < one.rollout_peak <= one.train_peak and 3 * one.saved <= four.saved <= 5 * one.saved
