@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from dancecore_rewards_hps.reward import HPSv21
 
 

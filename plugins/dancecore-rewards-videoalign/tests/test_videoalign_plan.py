@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from dancecore_rewards_videoalign.reward import VideoAlignReward
 
 
