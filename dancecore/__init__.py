@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "TrainingServices": "dancecore.contracts.protocols",
     "WindowedSampler": "dancecore.contracts.protocols",
     "ExportablePolicy": "dancecore.contracts.protocols",
+    "PlannablePolicy": "dancecore.contracts.protocols",
+    "PlannableReward": "dancecore.contracts.protocols",
     "SummarizingReward": "dancecore.contracts.protocols",
     "Optimizer": "dancecore.contracts.protocols",
     "BuildContext": "dancecore.contracts.protocols",
@@ -41,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "LossOutput": "dancecore.contracts.records",
     "select_rows": "dancecore.contracts.records",
     "DiffusersExport": "dancecore.contracts.records",
+    "MemoryPlanSpec": "dancecore.contracts.records",
     # component configuration
     "ComponentConfig": "dancecore.contracts.component",
     "NetworkOptions": "dancecore.plugin_kit.network",
@@ -49,6 +52,10 @@ _EXPORTS: dict[str, str] = {
     "prepare_trainable": "dancecore.plugin_kit.network",
     # export to diffusers
     "flow_match_scheduler": "dancecore.plugin_kit.export",
+    # dancecore plan: architecture configs and meta modules
+    "architecture_configs": "dancecore.plugin_kit.planning",
+    "on_meta": "dancecore.plugin_kit.planning",
+    "config_kwargs": "dancecore.plugin_kit.planning",
     # attention kernels
     "ATTENTION_BACKENDS": "dancecore.plugin_kit.attention",
     "apply_attention_backend": "dancecore.plugin_kit.attention",
@@ -125,6 +132,8 @@ if TYPE_CHECKING:  # static checkers see the real names
         BuildContext,
         ExportablePolicy,
         Optimizer,
+        PlannablePolicy,
+        PlannableReward,
         Policy,
         Reward,
         Sampler,
@@ -137,6 +146,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     from dancecore.contracts.records import (
         DiffusersExport,
         LossOutput,
+        MemoryPlanSpec,
         Prompt,
         PromptBatch,
         RewardScores,
@@ -172,6 +182,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     from dancecore.plugin_kit.export import flow_match_scheduler
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
+    from dancecore.plugin_kit.planning import architecture_configs, config_kwargs, on_meta
     from dancecore.plugin_kit.sequence_parallel import (
         gather_output_hook,
         gather_tokens,

@@ -248,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_command(sub)
 
+    from dancecore.planning.command import add_plan_command
+
+    add_plan_command(sub)
+
     from dancecore.serving.serve import add_command as add_serve_reward
 
     add_serve_reward(sub)

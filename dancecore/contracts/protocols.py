@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from dancecore.contracts.records import (
     DiffusersExport,
     LossOutput,
+    MemoryPlanSpec,
     PromptBatch,
     RewardScores,
     Rollout,
@@ -113,6 +114,18 @@ class ExportablePolicy(Policy, Protocol):
 
 
 @runtime_checkable
+class PlannablePolicy(Policy, Protocol):
+    """A policy that ``dancecore plan`` can size (optional: a policy without
+    :meth:`memory_plan_spec` trains as before; ``plan`` names it). It is asked before any weights
+    are loaded, so the method is a classmethod of the policy's validated ``Config``."""
+
+    @classmethod
+    def memory_plan_spec(cls, config: Any) -> MemoryPlanSpec:
+        """The policy's networks on the meta device at the run's real sizes; see :class:`MemoryPlanSpec`."""
+        ...
+
+
+@runtime_checkable
 class Sampler(Protocol):
     """A stochastic sampler that reports the log-probability of every transition it takes.
 
@@ -170,6 +183,16 @@ class Reward(Protocol):
 
     def score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score pixels in [0, 1] ((B, 3, H, W) or (B, F, 3, H, W)); returns a (B,) tensor."""
+        ...
+
+
+@runtime_checkable
+class PlannableReward(Reward, Protocol):
+    """A reward whose resident networks ``dancecore plan`` can count (optional)."""
+
+    @classmethod
+    def memory_plan_modules(cls, config: Any) -> dict[str, tuple[torch.nn.Module, torch.dtype]]:
+        """Name -> (network on the meta device, the dtype it is kept in) for the reward's models."""
         ...
 
 

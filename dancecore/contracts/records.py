@@ -216,3 +216,27 @@ class DiffusersExport:
     trained: str
     call: dict[str, Any]
     task: str = "text-to-image"
+
+
+@dataclass(frozen=True)
+class MemoryPlanSpec:
+    """A policy's networks at a run's real sizes, for ``dancecore plan`` (:class:`PlannablePolicy`).
+
+    Every module is built on the ``meta`` device from its architecture config (the checkpoint's
+    ``config.json`` when it is on disk, else the published config the plugin ships), so no weights
+    are read and nothing is allocated. ``trained`` is the network the run trains, prepared as the
+    run prepares it (LoRA adapters, gradient checkpointing). ``frozen`` names the other networks
+    resident during training (text encoders, VAE) with the dtype they are kept in; ``offloaded``
+    names those of them kept in CPU memory between uses. ``call(module, rows)`` runs one network
+    call of ``rows`` samples at the run's shapes (resolution, frames, sequence length; both CFG
+    branches when the policy uses CFG), building its example inputs on ``module``'s device in
+    ``dtype``, and returns the prediction. ``shapes`` says those shapes in words for the report
+    (e.g. ``"720 x 720 px: 2,025 image + 512 text tokens"``); ``source`` where the configs came from.
+    """
+
+    trained: Any
+    frozen: dict[str, tuple[Any, torch.dtype]]
+    call: Any
+    shapes: str
+    source: str
+    offloaded: tuple[str, ...] = ()

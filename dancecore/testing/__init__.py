@@ -42,6 +42,7 @@ from dancecore.testing.export_kit import check_diffusers_export
 from dancecore.testing.helpers import DEFAULT_PROMPTS, build_component, prompt_batch, recipe_overrides, sample_images
 from dancecore.testing.kits import check_policy_plugin, check_sampler_plugin
 from dancecore.testing.pipelines import DeterministicRollout, deterministic_rollout
+from dancecore.testing.plan_kit import check_memory_plan, plan_activations
 from dancecore.testing.reward_kit import check_reward_plugin
 from dancecore.testing.sequence_parallel_kit import sequence_parallel_differences
 from dancecore.testing.serving_kit import check_served_reward, serve_rewards
@@ -56,6 +57,8 @@ __all__ = [
     "TinyFlowPolicy",
     "build_component",
     "check_diffusers_export",
+    "check_memory_plan",
+    "plan_activations",
     "check_attention_backends",
     "check_policy_plugin",
     "check_reward_plugin",

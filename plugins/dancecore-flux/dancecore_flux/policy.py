@@ -20,11 +20,14 @@ from dancecore import (
     TINY_TOKENIZER,
     BuildContext,
     DiffusersExport,
+    MemoryPlanSpec,
     NetworkOptions,
     PromptBatch,
+    architecture_configs,
     encoder_attention,
     flow_match_scheduler,
     materialise,
+    on_meta,
     prepare_trainable,
     resolve_pretrained,
     write_tiny_tokenizer,
@@ -183,6 +186,57 @@ class FluxPolicy:
         }
         return DiffusersExport(pipeline=pipeline, trained="transformer", call=call)
 
+    # ------------------------------------------------------------------------------ planning
+
+    @classmethod
+    def memory_plan_spec(cls, config: Config) -> MemoryPlanSpec:
+        """The transformer, CLIP, T5 and VAE on the meta device, and one transformer call at the
+        run's resolution and T5 length (``dancecore plan``)."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+        if config.preset == "tiny":
+            tiny = TINY_SPEC
+            configs = {"transformer": tiny["transformer"], "vae": tiny["vae"]}
+            configs |= {"text_encoder": tiny["clip"], "text_encoder_2": tiny["t5"]}
+            source = "the tiny preset"
+        else:
+            configs, source = architecture_configs(config.pretrained, ARCHITECTURE, parts)
+        transformer = on_meta(lambda: FluxTransformer2DModel.from_config(configs["transformer"]))
+        module = prepare_trainable(transformer, config)
+        frozen = DTYPES[config.frozen_dtype]
+        vae = on_meta(lambda: AutoencoderKL.from_config(configs["vae"]))
+        clip = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+        t5 = on_meta(lambda: T5EncoderModel(T5Config(**configs["text_encoder_2"])))
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        resolution = config.resolution or (32 if config.preset == "tiny" else 720)
+        side = resolution // (vae_scale * 2)  # packed tokens per side
+        text = config.max_sequence_length or (32 if config.preset == "tiny" else 512)
+        tc = transformer.config
+
+        def call(network: torch.nn.Module, rows: int) -> torch.Tensor:
+            p = next(network.parameters())
+            ids = torch.zeros(side * side, 3, device=p.device)
+            return network(
+                hidden_states=torch.randn(rows, side * side, tc.in_channels, device=p.device, dtype=p.dtype),
+                encoder_hidden_states=torch.randn(rows, text, tc.joint_attention_dim, device=p.device, dtype=p.dtype),
+                pooled_projections=torch.randn(rows, tc.pooled_projection_dim, device=p.device, dtype=p.dtype),
+                timestep=torch.rand(rows, device=p.device),
+                img_ids=ids,
+                txt_ids=torch.zeros(text, 3, device=p.device),
+                guidance=torch.full((rows,), config.guidance, device=p.device),
+                return_dict=False,
+            )[0]
+
+        return MemoryPlanSpec(
+            trained=module,
+            frozen={"CLIP text encoder": (clip, frozen), "T5 text encoder": (t5, frozen), "VAE": (vae, frozen)},
+            call=call,
+            shapes=f"{2 * side * vae_scale} x {2 * side * vae_scale} px: {side * side:,} image + {text} text tokens",
+            source=source,
+        )
+
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX's 2x2 patch packing."""
@@ -198,6 +252,9 @@ def unpack_latents(latents: torch.Tensor, side: int) -> torch.Tensor:
     x = latents.view(b, side // 2, side // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c, side, side)
 
+
+#: The published FLUX.1-dev architecture (used when the checkpoint is not on disk).
+ARCHITECTURE = Path(__file__).parent / "architectures" / "flux1-dev.json"
 
 TINY_SPEC = {
     "transformer": {

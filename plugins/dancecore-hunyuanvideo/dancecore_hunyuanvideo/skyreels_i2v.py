@@ -21,8 +21,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
-from dancecore import BuildContext, DiffusersExport, Prompt, PromptBatch, PromptFileError
+from dancecore import BuildContext, DiffusersExport, MemoryPlanSpec, Prompt, PromptBatch, PromptFileError
 from dancecore_hunyuanvideo.common import TINY_DEFAULTS, HunyuanVideoOptions, load_backbone
+from dancecore_hunyuanvideo.plan import hunyuan_plan_spec
 
 #: DanceGRPO's SkyReels setting: 400 x 640, 53 frames.
 DEFAULTS = {"height": 400, "width": 640, "num_frames": 53, "max_sequence_length": 256}
@@ -152,6 +153,14 @@ class SkyReelsI2VPolicy:
             guidance,
         )
         return v_uncond + self.config.cfg_scale * (v_cond - v_uncond)
+
+    @classmethod
+    def memory_plan_spec(cls, config: Config) -> MemoryPlanSpec:
+        """The networks on the meta device and one CFG transformer call (both branches) at the run's
+        video size (``dancecore plan``)."""
+        return hunyuan_plan_spec(
+            config, DEFAULTS, image_conditioned=True, guidance=config.embedded_guidance, cfg=config.cfg_scale != 1.0
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Videos (B, F, 3, H, W) in [0, 1]."""

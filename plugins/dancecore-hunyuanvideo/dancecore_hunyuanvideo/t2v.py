@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from dancecore import BuildContext, DiffusersExport, PromptBatch
+from dancecore import BuildContext, DiffusersExport, MemoryPlanSpec, PromptBatch
 from dancecore_hunyuanvideo.common import TINY_DEFAULTS, HunyuanVideoOptions, load_backbone
+from dancecore_hunyuanvideo.plan import hunyuan_plan_spec
 
 #: The paper's setting: 480p (480 x 848), 53 frames.
 DEFAULTS = {"height": 480, "width": 848, "num_frames": 53, "max_sequence_length": 256}
@@ -92,3 +93,8 @@ class HunyuanVideoPolicy:
         pipeline = HunyuanVideoPipeline(**self.backbone.pipeline_components(sampler, "HunyuanVideoPipeline"))
         call = {**self.backbone.pipeline_call(sampler), "guidance_scale": self.config.guidance}
         return DiffusersExport(pipeline=pipeline, trained="transformer", call=call, task="text-to-video")
+
+    @classmethod
+    def memory_plan_spec(cls, config: Config) -> MemoryPlanSpec:
+        """The networks on the meta device and one transformer call at the run's video size (``dancecore plan``)."""
+        return hunyuan_plan_spec(config, DEFAULTS, image_conditioned=False, guidance=config.guidance, cfg=False)

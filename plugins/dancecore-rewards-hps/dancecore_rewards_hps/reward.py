@@ -33,6 +33,7 @@ from dancecore import (
     finite_or_raise,
     flatten_frames,
     materialise,
+    on_meta,
     resolve_pretrained,
 )
 
@@ -106,6 +107,18 @@ class HPSv21:
         self.tokenizer = open_clip.get_tokenizer(architecture)
         image_size = self.model.visual.image_size
         self.resolution = config.resolution or int(image_size[0] if isinstance(image_size, tuple) else image_size)
+
+    @classmethod
+    def memory_plan_modules(cls, config: Config) -> dict[str, tuple[torch.nn.Module, torch.dtype]]:
+        """The open_clip model on the meta device, in its configured dtype (``dancecore plan``)."""
+        import open_clip
+
+        architecture = f"local-dir:{tiny_hps_dir()}" if config.preset == "tiny" else config.architecture
+        with _quiet_open_clip():
+            model = on_meta(
+                lambda: open_clip.create_model(architecture, pretrained=None, load_weights=False, device="meta")
+            )
+        return {f"open_clip {config.architecture if config.preset is None else 'tiny'}": (model, DTYPES[config.dtype])}
 
     @torch.no_grad()
     def score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

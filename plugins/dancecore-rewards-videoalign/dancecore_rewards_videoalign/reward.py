@@ -34,13 +34,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from dancecore import BuildContext, ComponentConfig, check_pixels, resolve_pretrained
+from dancecore import BuildContext, ComponentConfig, WeightsNotFoundError, check_pixels, on_meta, resolve_pretrained
 
 HEADS = ("VQ", "MQ", "TA")
 Head = Literal["VQ", "MQ", "TA"]
 #: VideoAlign's reward tokens, one per head.
 REWARD_TOKENS = {"VQ": "<|VQ_reward|>", "MQ": "<|MQ_reward|>", "TA": "<|TA_reward|>"}
 
+#: The published Qwen2-VL-2B architecture (used when the checkpoint is not on disk).
+QWEN2_VL_2B = Path(__file__).parent / "architectures" / "qwen2-vl-2b.json"
 #: Spatial multiple of Qwen2-VL frames: patch 14 times spatial merge 2.
 PIXEL_FACTOR = 28
 #: Qwen2-VL groups frames in pairs (temporal patch size 2).
@@ -205,6 +207,27 @@ class VideoAlignReward:
                 raise VideoAlignError(f"normalise: true, but {path / 'videoalign.json'} has no statistics for {absent}")
 
     # ------------------------------------------------------------------------------- scoring
+    @classmethod
+    def memory_plan_modules(cls, config: Config) -> dict[str, tuple[torch.nn.Module, torch.dtype]]:
+        """Qwen2-VL on the meta device (the checkpoint's config.json when it is on disk, else the
+        published Qwen2-VL-2B architecture), in the GPU dtype (``dancecore plan``)."""
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        source = QWEN2_VL_2B
+        try:
+            if config.preset == "tiny":
+                from dancecore_rewards_videoalign.tiny import tiny_videoalign_dir
+
+                source = tiny_videoalign_dir() / "config.json"
+            elif (resolve_pretrained(config.pretrained or "", "VideoAlign") / "config.json").is_file():
+                source = resolve_pretrained(config.pretrained or "", "VideoAlign") / "config.json"
+        except WeightsNotFoundError:
+            pass
+        data = json.loads(source.read_text(encoding="utf-8"))
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        model = on_meta(lambda: Qwen2VLForConditionalGeneration(Qwen2VLConfig(**data)))
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype or "bfloat16"]
+        return {"Qwen2-VL": (model, dtype)}
 
     def score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Weighted sum of the configured heads, one value per video (B,)."""

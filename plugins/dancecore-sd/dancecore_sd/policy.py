@@ -23,10 +23,13 @@ from dancecore import (
     TINY_TOKENIZER,
     BuildContext,
     DiffusersExport,
+    MemoryPlanSpec,
     NetworkOptions,
     PromptBatch,
+    architecture_configs,
     encoder_attention,
     materialise,
+    on_meta,
     prepare_trainable,
     resolve_pretrained,
     write_tiny_tokenizer,
@@ -194,6 +197,51 @@ class StableDiffusionPolicy:
             call["negative_prompt"] = self.config.negative_prompt
         return DiffusersExport(pipeline=pipeline, trained="unet", call=call)
 
+    @classmethod
+    def memory_plan_spec(cls, config: Config) -> MemoryPlanSpec:
+        """UNet, VAE and CLIP on the meta device and one UNet call (both CFG branches in one batch,
+        as :meth:`predict`) at the run's resolution (``dancecore plan``)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        if config.preset == "tiny":
+            configs = {"unet": TINY_SPEC["unet"], "vae": TINY_SPEC["vae"], "text_encoder": TINY_SPEC["clip"]}
+            source = "the tiny preset"
+        else:
+            configs, source = architecture_configs(config.pretrained, ARCHITECTURE, ("unet", "vae", "text_encoder"))
+        unet = on_meta(lambda: UNet2DConditionModel.from_config(configs["unet"]))
+        module = prepare_trainable(unet, config)
+        vae = on_meta(lambda: AutoencoderKL.from_config(configs["vae"]))
+        clip = on_meta(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
+        side = (config.resolution or (32 if config.preset == "tiny" else 512)) // 2 ** (
+            len(vae.config.block_out_channels) - 1
+        )
+        branches = 1 if config.guidance_scale == 1.0 else 2
+        text = clip.config.max_position_embeddings
+        uc = unet.config
+
+        def call(network: torch.nn.Module, rows: int) -> torch.Tensor:
+            p = next(network.parameters())
+            n = branches * rows
+            x = torch.randn(n, uc.in_channels, side, side, device=p.device, dtype=p.dtype)
+            states = torch.randn(n, text, uc.cross_attention_dim, device=p.device, dtype=p.dtype)
+            return network(x, torch.full((n,), 500, device=p.device), encoder_hidden_states=states, return_dict=False)[
+                0
+            ]
+
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return MemoryPlanSpec(
+            trained=module,
+            frozen={
+                "CLIP text encoder": (clip, DTYPES[config.frozen_dtype]),
+                "VAE": (vae, DTYPES[config.frozen_dtype]),
+            },
+            call=call,
+            shapes=f"{side * scale} x {side * scale} px: latents {uc.in_channels} x {side} x {side}, "
+            f"{text} text tokens" + (", CFG (2 rows per sample)" if branches == 2 else ""),
+            source=source,
+        )
+
     # ------------------------------------------------------------------------------ helpers
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
@@ -206,6 +254,9 @@ class StableDiffusionPolicy:
         ).input_ids.to(self.device)
         return self.text_encoder(ids, return_dict=False)[0].float()
 
+
+#: The published Stable Diffusion v1.4 architecture (used when the checkpoint is not on disk).
+ARCHITECTURE = Path(__file__).parent / "architectures" / "sd-v1-4.json"
 
 TINY_SPEC: dict[str, Any] = {
     "unet": {
