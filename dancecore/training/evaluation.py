@@ -96,11 +96,18 @@ def score_and_report(
     """Score the samples with every reward and write the tables and the grid to ``output_dir``."""
     texts = [p.text for p, _ in items]
     scored = score_samples(rewards, pixels, texts, torch.arange(len(items)), failure_policy)
+    groups = {  # optional: a summarizing reward's group of each sample, for standard errors per group
+        name: list(reward.component.groups(texts))
+        for name, reward in zip(scored.scores.names, rewards, strict=True)
+        if callable(getattr(reward.component, "groups", None))
+    }
     rows = []
     for n, (prompt, j) in enumerate(items):
         row: dict[str, Any] = {"prompt_index": prompt.index, "sample": j, "prompt": prompt.text}
         for k, name in enumerate(scored.scores.names):
             row[name] = float(scored.scores.values[k, n])
+            if name in groups:
+                row[f"group/{name}"] = groups[name][n]
         rows.append(row)
     summary: dict[str, dict[str, float]] = {}
     breakdown: dict[str, dict[str, float]] = {}

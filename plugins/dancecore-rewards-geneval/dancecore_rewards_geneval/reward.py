@@ -118,6 +118,10 @@ class GenEvalReward:
         values = [float(getattr(v, self.config.output)) for v in verdicts]
         return finite_or_raise(torch.tensor(values, dtype=torch.float32), "geneval")
 
+    def groups(self, prompts: Sequence[str]) -> list[str]:
+        """The GenEval task of each prompt (evaluation rows carry it, for standard errors per task)."""
+        return [self.spec(str(p)).tag for p in prompts]
+
     def summarize(self, prompts: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
         """Mean per GenEval task (in GenEval's order, tasks present only) and ``overall``, their mean."""
         return task_table([self.spec(str(p)).tag for p in prompts], scores)
