@@ -97,7 +97,7 @@ def score_and_report(
     texts = [p.text for p, _ in items]
     scored = score_samples(rewards, pixels, texts, torch.arange(len(items)), failure_policy)
     groups = {  # optional: a summarizing reward's group of each sample, for standard errors per group
-        name: list(reward.component.groups(texts))
+        name: list(getattr(reward.component, "groups")(texts))  # noqa: B009 (optional method)
         for name, reward in zip(scored.scores.names, rewards, strict=True)
         if callable(getattr(reward.component, "groups", None))
     }
