@@ -113,8 +113,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score base weights or a checkpoint with deterministic sampling; write tables and a grid."""
     from dancecore.config.schema import load_run
+    from dancecore.errors import ConfigError
     from dancecore.evaluate import evaluate
 
+    if args.compare:
+        from dancecore.outputs.compare import compare_results, format_comparison
+
+        a, b = (Path(p) for p in args.compare)
+        print(format_comparison(compare_results(a, b), str(a), str(b)))
+        return 0
+    if args.config is None:
+        raise ConfigError(["dancecore eval needs a run config (or --compare A/results.json B/results.json)"])
     run = load_run(Path(args.config), args.overrides)
     output = (
         Path(args.output)
@@ -128,7 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.prompts) if args.prompts else None,
         output,
         checkpoint=args.checkpoint,
-        samples_per_prompt=args.samples_per_prompt,
+        samples_per_prompt=args.samples_per_prompt
+        or (run.config.eval.samples_per_prompt if run.config.eval is not None else 1),
         seed=args.seed,
         ema=args.ema,
     )
@@ -214,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
 
     evaluate = sub.add_parser("eval", help="score a policy or checkpoint on a prompt file (deterministic sampling)")
-    evaluate.add_argument("config", help="run config (policy, sampler and rewards are taken from it)")
+    evaluate.add_argument("config", nargs="?", help="run config (policy, sampler and rewards are taken from it)")
     evaluate.add_argument("overrides", nargs="*")
     evaluate.add_argument(
         "--checkpoint", default=None, help="checkpoint directory, 'latest', or omitted for base weights"
@@ -222,10 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--prompts", default=None, help="prompt file (.txt one per line, or .jsonl); default: the config's"
     )
-    evaluate.add_argument("--samples-per-prompt", type=int, default=1)
+    evaluate.add_argument(
+        "--samples-per-prompt", type=int, default=None, help="default: the config's eval.samples_per_prompt, else 1"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (train.ema)")
     evaluate.add_argument("--output", default=None, help="output directory (default: <output_dir>/eval/<checkpoint>)")
+    evaluate.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="compare two evaluations (results.json or their directories): B - A and its standard error",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     plugins = sub.add_parser("plugins", help="list installed plugins (imports none)")

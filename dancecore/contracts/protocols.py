@@ -261,7 +261,9 @@ class TrainingServices(Protocol):
 @runtime_checkable
 class SummarizingReward(Reward, Protocol):
     """A reward that can break its scores down by group (e.g. GenEval's task types); evaluation
-    tables show the breakdown next to the mean."""
+    tables show the breakdown next to the mean. Optionally it also has ``groups(prompts) -> list[str]``
+    (each prompt's group): evaluation rows then carry it (``group/<reward>``) and
+    ``dancecore eval --compare`` gives each group's difference a standard error."""
 
     def summarize(self, prompts: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
         """Group name -> score (for instance per task, plus ``overall``)."""

@@ -205,6 +205,12 @@ class DeepSpeedEngine:
         """Wait for every rank."""
         torch.distributed.barrier()
 
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` in rank order on rank 0 (None elsewhere)."""
+        found: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object(obj, found, dst=0)
+        return found
+
     # ---------------------------------------------------------------------------- state
 
     @contextlib.contextmanager

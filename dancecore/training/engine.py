@@ -47,6 +47,10 @@ class TrainEngine(Protocol):
         """Wait for every rank."""
         ...
 
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks."""
+        ...
+
     def model_state(self) -> dict[str, torch.Tensor]:
         """Full (gathered) trainable weights by parameter name."""
         ...
@@ -141,6 +145,10 @@ class LocalEngine:
 
     def barrier(self) -> None:
         """Nothing to wait for."""
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """One rank: its object."""
+        return [obj]
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The trainable weights."""

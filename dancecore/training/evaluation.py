@@ -23,6 +23,7 @@ import torch
 from dancecore.config.schema import EvalConfig, RewardFailureConfig
 from dancecore.contracts.protocols import Policy, Sampler, SummarizingReward
 from dancecore.contracts.records import Prompt, PromptBatch, Schedule, select_rows
+from dancecore.errors import RewardFailure
 from dancecore.functional.seeding import generator
 from dancecore.outputs.images import save_grid
 from dancecore.outputs.report import load_eval_history
@@ -56,20 +57,31 @@ def ode_samples(
     batch_size: int,
     device: torch.device,
     num_steps: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[list[tuple[Prompt, int]], torch.Tensor]:
     """Deterministic samples of every (prompt, j < samples_per_prompt) from the seed
     ``(seed, "eval", prompt index, j)`` over ``num_steps`` steps (default: the sampler's);
-    returns the items and their pixels (CPU)."""
+    returns the items and their pixels (CPU).
+
+    With ``shard = (rank, world_size)`` this rank samples every ``world_size``-th batch of
+    ``batch_size`` items from its rank on: the batches are those of one process, so the pixels are
+    too, and every rank makes the same number of network calls (a rank short of a batch repeats one
+    and discards it), as a sharded network (ZeRO-3) needs."""
     schedule = sampler.schedule(num_steps)
     items = [(p, j) for p in prompts for j in range(samples_per_prompt)]
-    pixels: list[torch.Tensor] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
+    batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    rank, world = shard
+    mine, pixels = [], []
+    for number in range(rank, math.ceil(len(batches) / world) * world, world):
+        chunk = batches[number] if number < len(batches) else batches[0]
         cond = policy.encode_prompts(PromptBatch(tuple(p for p, _ in chunk)))
         x = torch.cat([policy.initial_noise(1, generator(seed, "eval", p.index, j)) for p, j in chunk]).to(device)
         rows = select_rows(cond, torch.arange(len(chunk)))
-        pixels.append(policy.decode(ode_latents(policy, sampler, schedule, x, rows)).cpu())
-    return items, torch.cat(pixels)
+        decoded = policy.decode(ode_latents(policy, sampler, schedule, x, rows)).cpu()
+        if number < len(batches):
+            mine += chunk
+            pixels.append(decoded)
+    return mine, torch.cat(pixels) if pixels else torch.empty(0)
 
 
 @torch.no_grad()
@@ -94,25 +106,57 @@ def score_and_report(
     failure_policy: RewardFailureConfig,
 ) -> EvalResult:
     """Score the samples with every reward and write the tables and the grid to ``output_dir``."""
+    names, values = score_items(rewards, items, pixels, failure_policy)
+    return report(rewards, items, names, values, pixels, output_dir, weights=weights)
+
+
+def score_items(
+    rewards: Sequence[NamedReward],
+    items: list[tuple[Prompt, int]],
+    pixels: torch.Tensor,
+    failure_policy: RewardFailureConfig,
+) -> tuple[list[str], torch.Tensor]:
+    """Every reward's score of every item: the reward names and a (rewards, items) tensor."""
     texts = [p.text for p, _ in items]
     scored = score_samples(rewards, pixels, texts, torch.arange(len(items)), failure_policy)
+    return list(scored.scores.names), scored.scores.values
+
+
+def report(
+    rewards: Sequence[NamedReward],
+    items: list[tuple[Prompt, int]],
+    names: list[str],
+    values: torch.Tensor,
+    pixels: torch.Tensor,
+    output_dir: Path,
+    *,
+    weights: str,
+) -> EvalResult:
+    """Rows, summary and breakdowns of scored items, written to ``output_dir`` with the grid."""
+    texts = [p.text for p, _ in items]
+    groups = {  # optional: a summarizing reward's group of each sample, for standard errors per group
+        name: list(getattr(reward.component, "groups")(texts))  # noqa: B009 (optional method)
+        for name, reward in zip(names, rewards, strict=True)
+        if callable(getattr(reward.component, "groups", None))
+    }
     rows = []
     for n, (prompt, j) in enumerate(items):
         row: dict[str, Any] = {"prompt_index": prompt.index, "sample": j, "prompt": prompt.text}
-        for k, name in enumerate(scored.scores.names):
-            row[name] = float(scored.scores.values[k, n])
+        for k, name in enumerate(names):
+            row[name] = float(values[k, n])
+            if name in groups:
+                row[f"group/{name}"] = groups[name][n]
         rows.append(row)
     summary: dict[str, dict[str, float]] = {}
     breakdown: dict[str, dict[str, float]] = {}
-    for k, (name, reward) in enumerate(zip(scored.scores.names, rewards, strict=True)):
-        values = scored.scores.values[k]
+    for k, (name, reward) in enumerate(zip(names, rewards, strict=True)):
         summary[name] = {
-            "mean": float(values.mean()),
-            "std": float(values.std()) if values.numel() > 1 else 0.0,
-            "n": float(values.numel()),
+            "mean": float(values[k].mean()),
+            "std": float(values[k].std()) if values[k].numel() > 1 else 0.0,
+            "n": float(values[k].numel()),
         }
         if isinstance(reward.component, SummarizingReward):
-            breakdown[name] = {k2: float(v) for k2, v in reward.component.summarize(texts, values.tolist()).items()}
+            breakdown[name] = {k2: float(v) for k2, v in reward.component.summarize(texts, values[k].tolist()).items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = max(1, len({j for _, j in items}))
     _write_outputs(output_dir, rows, summary, breakdown, pixels, columns, weights)
@@ -174,7 +218,9 @@ class PeriodicEval:
         return load_eval_history(self.root.parent)
 
     def run(self, trainer: Trainer, done: int) -> dict[str, Any]:
-        """Evaluate the current weights; every rank samples (the network may be sharded), rank 0 writes."""
+        """Evaluate the current weights. The prompts' batches are split across ranks (every rank
+        makes the same number of network calls: it may be sharded); each rank scores its share;
+        rank 0 gathers the scores and pixels, in one process's order, and writes."""
         module = trainer.policy.module
         was_training = module.training
         use_ema = trainer.ema is not None and self.config.use_ema and isinstance(trainer.engine, LocalEngine)
@@ -190,18 +236,22 @@ class PeriodicEval:
                     batch_size=self.config.batch_size,
                     device=trainer.device,
                     num_steps=self.config.num_steps,
+                    shard=(trainer.rank, trainer.world_size),
                 )
         finally:
             module.train(was_training)
-        if not trainer.is_main:
+        gathered = self._score_and_gather(trainer, items, pixels)
+        if gathered is None:
             return {}
-        result = score_and_report(
+        names, values, pixels = gathered
+        result = report(
             self.rewards,
-            items,
+            [(p, j) for p in self.prompts for j in range(self.config.samples_per_prompt)],
+            names,
+            values,
             pixels,
             self.root / f"iter-{done:06d}",
             weights=f"{'EMA ' if use_ema else ''}after {done} iterations",
-            failure_policy=trainer.cfg.reward_failure,
         )
         record: dict[str, Any] = {
             "iteration": done,
@@ -216,6 +266,38 @@ class PeriodicEval:
             record["alarm"] = alarm
         (self.root / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*earlier, record]))
         return record
+
+    def _score_and_gather(
+        self, trainer: Trainer, items: list[tuple[Prompt, int]], pixels: torch.Tensor
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
+        """Score this rank's items; on rank 0 every item's scores and pixels in one process's
+        order (None on the other ranks). A reward failing on any rank fails every rank."""
+        error: Exception | None = None
+        names: list[str] | None = None
+        values = torch.empty(len(self.rewards), 0)
+        try:
+            if items:
+                names, values = score_items(self.rewards, items, pixels, trainer.cfg.reward_failure)
+        except Exception as exc:  # re-raised below, once every rank knows
+            error = exc
+        if trainer.engine.any_rank(error is not None):
+            if error is not None:
+                raise error
+            raise RewardFailure("eval", "an evaluation reward failed on another rank")
+        keys = [(p.index, j) for p, j in items]
+        parts = trainer.engine.gather_object((keys, names, values, pixels))
+        if parts is None:
+            return None
+        order = {
+            (p.index, j): n
+            for n, (p, j) in enumerate((p, j) for p in self.prompts for j in range(self.config.samples_per_prompt))
+        }
+        position = torch.tensor([order[k] for part in parts for k in part[0]])
+        merged_names = next(part[1] for part in parts if part[1] is not None)
+        merged = torch.cat([part[2] for part in parts if part[0]], dim=1)
+        merged_pixels = torch.cat([part[3] for part in parts if part[0]])
+        inverse = torch.argsort(position)
+        return merged_names, merged[:, inverse], merged_pixels[inverse]
 
 
 def divergence_alarm(config: EvalConfig, history: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> str | None:

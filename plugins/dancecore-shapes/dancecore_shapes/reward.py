@@ -71,6 +71,10 @@ class ShapesReward:
         values = [float(judge(spec, detect(image))) for spec, image in zip(specs, pixels, strict=True)]
         return torch.tensor(values, dtype=torch.float32).view(-1, flat.per_sample).mean(dim=1)
 
+    def groups(self, prompts: Sequence[str]) -> list[str]:
+        """The task type of each caption (evaluation rows carry it, for standard errors per task)."""
+        return [self.spec(p).task for p in prompts]
+
     def summarize(self, prompts: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
         """GenEval's table: the accuracy of each task type present, and ``overall`` (their mean);
         evaluation tables (``dancecore eval``, the run's ``eval:``) show it next to the mean."""
