@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dancecore.cli import main
-from dancecore.outputs.report import ReportError, Series, line_chart, nice_ticks, render, write_report
+from dancecore.outputs.charts import Series, line_chart, nice_ticks
+from dancecore.outputs.report import ReportError, render, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART_COUNT = 8  # charts every report draws

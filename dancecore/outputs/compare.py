@@ -94,7 +94,9 @@ def _groups(
         a_mean = sum(d.a for d in found) / len(found)
         b_mean = sum(d.b for d in found) / len(found)
         stderr = math.sqrt(sum(d.stderr**2 for d in found)) / len(found)
-        found.append(Difference(f"{name}/overall", a_mean, b_mean, b_mean - a_mean, stderr, sum(d.n for d in found), paired))
+        found.append(
+            Difference(f"{name}/overall", a_mean, b_mean, b_mean - a_mean, stderr, sum(d.n for d in found), paired)
+        )
     return found
 
 
@@ -106,7 +108,9 @@ def compare_results(path_a: Path, path_b: Path) -> list[Difference]:
     paired = [_key(r) for r in rows_a] == [_key(r) for r in rows_b]
     names = [n for n in res_a["summary"] if n in res_b["summary"]]
     if not names:
-        raise CompareError(f"{path_a} and {path_b} share no reward ({list(res_a['summary'])} vs {list(res_b['summary'])})")
+        raise CompareError(
+            f"{path_a} and {path_b} share no reward ({list(res_a['summary'])} vs {list(res_b['summary'])})"
+        )
     out = []
     for name in names:
         out.append(difference(name, [r[name] for r in rows_a], [r[name] for r in rows_b], paired))

@@ -17,158 +17,22 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dancecore.errors import ReportError
+from dancecore.outputs.charts import Series, format_number, is_finite, line_chart
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 MAX_GRIDS = 24  # sample grids embedded at most (evenly spaced, first and last always kept)
 MAX_GRID_WIDTH = 960  # pixels; larger grids are downscaled before embedding
 
 
-
-
-@dataclass(frozen=True)
-class Series:
-    """One line of a chart: label, iterations and values (non-finite values leave gaps)."""
-
-    label: str
-    xs: Sequence[float]
-    ys: Sequence[float]
-    color: str
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering [lo, hi] (1, 2, 2.5, 5 times a power of ten)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return [0.0]
-    if hi <= lo:
-        pad = abs(lo) * 0.05 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / max(1, count)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-    first = math.floor(lo / step) * step
-    ticks = []
-    value = first
-    while value <= hi + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < hi:
-        ticks.append(round(value, 12))
-    return ticks
-
-
-def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-3:
-        return f"{value:.2e}"
-    return f"{value:.4g}"
-
-
-def line_chart(
-    title: str,
-    series: Sequence[Series],
-    *,
-    band: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
-    y_label: str = "",
-    width: int = 600,
-    height: int = 250,
-) -> str:
-    """An inline SVG line chart; ``band`` is (xs, low, high), drawn shaded behind the lines."""
-    left, right, top, bottom = 64, 14, 30, 36
-    points = [(x, y) for s in series for x, y in zip(s.xs, s.ys, strict=True) if _finite(x) and _finite(y)]
-    if band is not None:
-        points += [(x, y) for x, lo, hi in zip(*band, strict=True) for y in (lo, hi) if _finite(x) and _finite(y)]
-    esc = html.escape
-    head = f'<svg class="chart" role="img" aria-label="{esc(title)}" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
-    parts = [head, f'<text x="{left}" y="18" class="title">{esc(title)}</text>']
-    if not points:
-        parts.append(
-            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="empty">no finite values</text></svg>'
-        )
-        return "".join(parts)
-    xs_all, ys_all = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs_all), max(xs_all)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    yt = nice_ticks(min(ys_all), max(ys_all))
-    y0, y1 = yt[0], yt[-1]
-    if y1 == y0:
-        y0, y1 = y0 - 1, y1 + 1
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * plot_w
-
-    def sy(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
-
-    for t in yt:
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" class="tick">{_fmt(t)}</text>')
-    for t in nice_ticks(x0, x1, 6):
-        if x0 <= t <= x1:
-            parts.append(
-                f'<text x="{sx(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="tick">{_fmt(t)}</text>'
-            )
-    parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" class="axis"/>')
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}" class="axis"/>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle" class="label">iteration</text>')
-    if y_label:
-        parts.append(
-            f'<text transform="translate(12 {top + plot_h / 2}) rotate(-90)" text-anchor="middle" class="label">{esc(y_label)}</text>'
-        )
-    if band is not None:
-        for segment in _segments(band[0], list(zip(band[1], band[2], strict=True))):
-            upper = " ".join(f"{sx(x):.1f},{sy(hi):.1f}" for x, (_, hi) in segment)
-            lower = " ".join(f"{sx(x):.1f},{sy(lo):.1f}" for x, (lo, _) in reversed(segment))
-            parts.append(f'<polygon points="{upper} {lower}" class="band"><title>+/- one std</title></polygon>')
-    for s in series:
-        pairs = list(zip(s.xs, s.ys, strict=True))
-        for segment in _segments(s.xs, list(s.ys)):
-            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in segment)
-            parts.append(
-                f'<polyline points="{coords}" fill="none" stroke="{s.color}" stroke-width="1.6"><title>{esc(s.label)}</title></polyline>'
-            )
-        finite = [(x, y) for x, y in pairs if _finite(x) and _finite(y)]
-        if len(finite) <= 120:  # hover a point for its value (SVG titles, no script)
-            parts.extend(
-                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.2" fill="{s.color}"><title>{esc(s.label)} @ {_fmt(x)}: {_fmt(y)}</title></circle>'
-                for x, y in finite
-            )
-    for i, s in enumerate(series):  # legend, top right
-        y = top + 4 + 14 * i
-        parts.append(f'<rect x="{left + plot_w - 150}" y="{y}" width="10" height="3" fill="{s.color}"/>')
-        parts.append(f'<text x="{left + plot_w - 136}" y="{y + 5}" class="legend">{esc(s.label[:28])}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _segments(xs: Sequence[float], ys: Sequence[Any]) -> list[list[tuple[float, Any]]]:
-    """Runs of consecutive points whose values are all finite (NaN breaks a line)."""
-    runs: list[list[tuple[float, Any]]] = [[]]
-    for x, y in zip(xs, ys, strict=True):
-        values = y if isinstance(y, tuple) else (y,)
-        if _finite(x) and all(_finite(v) for v in values):
-            runs[-1].append((x, y))
-        elif runs[-1]:
-            runs.append([])
-    return [r for r in runs if r]
-
-
 def rolling_mean(values: Sequence[float], window: int) -> list[float]:
     """Trailing mean over the last ``window`` finite values (NaN where there is none)."""
     out, recent = [], []
     for v in values:
-        if _finite(v):
+        if is_finite(v):
             recent.append(v)
         recent = recent[-window:]
         out.append(sum(recent) / len(recent) if recent else math.nan)
@@ -245,7 +109,7 @@ def _evenly(items: list[Any], limit: int) -> list[Any]:
 
 
 def _column(records: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(r[key]) if _finite(r.get(key)) else math.nan for r in records]
+    return [float(r[key]) if is_finite(r.get(key)) else math.nan for r in records]
 
 
 _PHASE_ORDER = ("encode", "rollout", "decode", "reward", "update")
@@ -271,9 +135,9 @@ def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     rows = [("iterations", f"{len(records)} (last: {last['iteration']})")]
     if rewards:
         rows += [
-            ("reward, first iteration", _fmt(rewards[0])),
-            (f"reward, mean of last {len(tail)}", _fmt(sum(tail) / len(tail))),
-            ("reward, best iteration", _fmt(max(rewards))),
+            ("reward, first iteration", format_number(rewards[0])),
+            (f"reward, mean of last {len(tail)}", format_number(sum(tail) / len(tail))),
+            ("reward, best iteration", format_number(max(rewards))),
         ]
     if seconds:
         rows += [("time", f"{sum(seconds):.1f} s, {sum(seconds) / len(seconds):.3g} s per iteration")]
@@ -284,7 +148,7 @@ def _summary(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if shares:
             rows.append(("time by phase", ", ".join(shares)))
     for key in ("skipped_updates", "reward_failures"):
-        if _finite(last.get(key)):
+        if is_finite(last.get(key)):
             rows.append((key.replace("_", " "), f"{last[key]:g}"))
     return rows
 
@@ -327,17 +191,27 @@ def _eval_section(output_dir: Path, its: list[float], mean: list[float], history
     gold = sorted({k for h in history for k in h if k.startswith("eval/") and k.count("/") == 1})
     xs = [float(h["iteration"]) for h in history]
     series = [Series("training reward", its, mean, PALETTE[0])] + [
-        Series(f"held-out {k.removeprefix('eval/')}", xs, [h.get(k, math.nan) for h in history], PALETTE[(i + 3) % len(PALETTE)])
+        Series(
+            f"held-out {k.removeprefix('eval/')}",
+            xs,
+            [h.get(k, math.nan) for h in history],
+            PALETTE[(i + 3) % len(PALETTE)],
+        )
         for i, k in enumerate(gold)
     ]
-    parts = ["<h2>Held-out evaluation</h2>", line_chart("Training reward and held-out (gold) metrics", series, y_label="score")]
+    parts = [
+        "<h2>Held-out evaluation</h2>",
+        line_chart("Training reward and held-out (gold) metrics", series, y_label="score"),
+    ]
     parts += [f'<p class="alarm">{esc(h["alarm"])}</p>' for h in history if h.get("alarm")]
     for h in _evenly(history, MAX_GRIDS):
         grid = output_dir / "eval" / f"iter-{h['iteration']:06d}" / "grid.png"
         if grid.is_file():
             uri, display_width = png_data_uri(grid)
             label = f"held-out samples after {h['iteration']} iterations"
-            parts.append(f'<figure><figcaption>{label}</figcaption><img alt="{label}" width="{display_width}" src="{uri}"></figure>')
+            parts.append(
+                f'<figure><figcaption>{label}</figcaption><img alt="{label}" width="{display_width}" src="{uri}"></figure>'
+            )
     return parts
 
 
