@@ -1,6 +1,6 @@
 """The DanceGRPO paper's ablations in miniature, on the shapes world: held-out score at equal wall-clock.
 
-    python -m benchmarks.ablations [--seeds 0 1 2] [--budget 300] [--eval-every 100] [--variants ...]
+    python -m benchmarks.ablations [--seeds 0 1] [--budget 150] [--eval-every 75] [--variants ...]
     make ablations
 
 The same machinery as benchmarks/algorithms.py (read its docstring for the method): every variant is
@@ -20,14 +20,9 @@ per iteration). ``recipe`` is the shipped recipe itself. Writes ``<out>.json``, 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.algorithms import GRPO, ROOT, HeldOut, Run, _counted, _trainer, markdown, plot, run_all, summarise
+from benchmarks.algorithms import GRPO, HeldOut, Run, _trainer, add_arguments, benchmark, trainer_run
 
 VARIANTS: dict[str, list[str]] = {
     "recipe": [],
@@ -48,56 +43,20 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def variant_run(name: str, seed: int, held_out: HeldOut, out: Path) -> Run:
-    """A trainer of the shipped GRPO recipe with ``name``'s overrides (network calls counted)."""
-    trainer = _trainer(GRPO, VARIANTS[name], seed, out / f"{name}-{seed}")
-    counter = [0]
-    trainer.policy.predict = _counted(trainer.policy.predict, counter)
-
-    def evaluate() -> float:
-        before = counter[0]
-        score = held_out.score(trainer)
-        counter[0] = before
-        return score
-
-    return Run(name, seed, step=trainer.iteration, evaluate=evaluate, calls=lambda: counter[0])
+    """A trainer of the shipped GRPO recipe with ``name``'s overrides."""
+    return trainer_run(name, seed, _trainer(GRPO, VARIANTS[name], seed, out / f"{name}-{seed}"), held_out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=300.0, help="training seconds per run")
-    parser.add_argument("--eval-every", type=float, default=100.0, help="training seconds between evaluations")
-    parser.add_argument("--eval-samples", type=int, default=4, help="samples per held-out caption")
-    parser.add_argument("--deltas", nargs="+", type=float, default=[0.15, 0.05], help="targets: base + delta")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ablations")
+    add_arguments(parser, seeds=2, budget=150.0, eval_every=75.0, eval_samples=4, out="ablations")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
 
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    def make_runs(held_out: HeldOut, tmp: Path) -> list[Run]:
+        return [variant_run(name, seed, held_out, tmp) for seed in args.seeds for name in args.variants]
 
-    with tempfile.TemporaryDirectory(prefix="dancecore-ablations-") as tmp:
-        held_out = HeldOut(_trainer(GRPO, [], 0, Path(tmp) / "probe"), args.eval_samples)
-        base = held_out.score(held_out.probe)
-        log(f"base held-out score {base:.3f} ({len(held_out.prompts)} captions x {args.eval_samples})")
-        runs = [variant_run(name, seed, held_out, Path(tmp)) for seed in args.seeds for name in args.variants]
-        run_all(runs, base, args.budget, args.eval_every, log)
-    summary = summarise(runs, base, args.deltas)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result = {
-        "settings": settings,
-        "base": base,
-        "summary": summary,
-        "curves": {f"{r.recipe}/{r.seed}": r.curve for r in runs},
-    }
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(summary, base, args.budget, ["recipe"])
-    args.out.with_suffix(".md").write_text(table)
-    plot(runs, base, args.deltas, args.out.with_suffix(".png"))
-    print(table)
-    return 0
+    return benchmark(args, make_runs, ["recipe"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Every algorithm recipe side by side on the shapes world: held-out score against wall-clock seconds.
 
-    python -m benchmarks.algorithms [--seeds 0 1 2] [--budget 600] [--eval-every 100] [--recipes ...]
+    python -m benchmarks.algorithms [--seeds 0 1 2] [--budget 240] [--eval-every 80] [--recipes ...]
     make bench-algorithms
 
 Each (recipe, seed) is its own trainer on the pretrained shapes-FLUX, all built in one process and
@@ -142,11 +142,9 @@ def _trainer(config: Path, overrides: list[str], seed: int, out: Path) -> Any:
     return Trainer(load_run(config, [*overrides, *common]))
 
 
-def dancecore_run(recipe: str, seed: int, held_out: HeldOut, out: Path) -> Run:
-    """A dancecore trainer of ``recipe``; network calls are counted at ``policy.predict``."""
-    config = RECIPES[recipe]
-    assert config is not None
-    trainer = _trainer(config, [], seed, out / f"{recipe}-{seed}")
+def trainer_run(name: str, seed: int, trainer: Any, held_out: HeldOut) -> Run:
+    """A :class:`Run` of a dancecore trainer; network calls are counted at ``policy.predict``
+    (evaluation's calls excluded)."""
     counter = [0]
     trainer.policy.predict = _counted(trainer.policy.predict, counter)
 
@@ -156,7 +154,14 @@ def dancecore_run(recipe: str, seed: int, held_out: HeldOut, out: Path) -> Run:
         counter[0] = before  # evaluation calls are not the recipe's
         return score
 
-    return Run(recipe, seed, step=trainer.iteration, evaluate=evaluate, calls=lambda: counter[0])
+    return Run(name, seed, step=trainer.iteration, evaluate=evaluate, calls=lambda: counter[0])
+
+
+def dancecore_run(recipe: str, seed: int, held_out: HeldOut, out: Path) -> Run:
+    """A dancecore trainer of ``recipe``."""
+    config = RECIPES[recipe]
+    assert config is not None
+    return trainer_run(recipe, seed, _trainer(config, [], seed, out / f"{recipe}-{seed}"), held_out)
 
 
 def reference_run(seed: int, held_out: HeldOut) -> Run:
@@ -319,30 +324,32 @@ def _at(curve: Sequence[tuple[float, int, float]], t: float) -> float:
     return [score for s, _, score in curve if s <= t + 1e-6][-1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per run")
-    parser.add_argument("--eval-every", type=float, default=100.0, help="training seconds between evaluations")
-    parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out caption")
+def add_arguments(
+    parser: argparse.ArgumentParser, *, seeds: int, budget: float, eval_every: float, eval_samples: int, out: str
+) -> None:
+    """The options every side-by-side benchmark on the shapes world takes (defaults: the committed run's)."""
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(seeds)))
+    parser.add_argument("--budget", type=float, default=budget, help="training seconds per run")
+    parser.add_argument("--eval-every", type=float, default=eval_every, help="training seconds between evaluations")
+    parser.add_argument("--eval-samples", type=int, default=eval_samples, help="samples per held-out caption")
     parser.add_argument("--deltas", nargs="+", type=float, default=[0.15, 0.05], help="targets: base + delta")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/algorithms")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results" / out)
+
+
+def benchmark(
+    args: argparse.Namespace, make_runs: Callable[[HeldOut, Path], list[Run]], baselines: Sequence[str]
+) -> int:
+    """Build the runs, step them round-robin, write ``<out>.json/.md/.png`` and print the table."""
     torch.set_num_threads(1)
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="dancecore-algorithms-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dancecore-bench-") as tmp:
         held_out = HeldOut(_trainer(GRPO, [], 0, Path(tmp) / "probe"), args.eval_samples)
         base = held_out.score(held_out.probe)
         log(f"base held-out score {base:.3f} ({len(held_out.prompts)} captions x {args.eval_samples})")
-        runs = [
-            reference_run(seed, held_out) if recipe == "reference" else dancecore_run(recipe, seed, held_out, Path(tmp))
-            for seed in args.seeds
-            for recipe in args.recipes
-        ]
+        runs = make_runs(held_out, Path(tmp))
         run_all(runs, base, args.budget, args.eval_every, log)
     summary = summarise(runs, base, args.deltas)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,11 +357,27 @@ def main(argv: list[str] | None = None) -> int:
     curves = {f"{r.recipe}/{r.seed}": r.curve for r in runs}
     result = {"settings": settings, "base": base, "summary": summary, "curves": curves}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(summary, base, args.budget, ["dancegrpo", "reference"])
+    table = markdown(summary, base, args.budget, baselines)
     args.out.with_suffix(".md").write_text(table)
     plot(runs, base, args.deltas, args.out.with_suffix(".png"))
     print(table)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    add_arguments(parser, seeds=3, budget=240.0, eval_every=80.0, eval_samples=4, out="algorithms")
+    args = parser.parse_args(argv)
+
+    def make_runs(held_out: HeldOut, tmp: Path) -> list[Run]:
+        return [
+            reference_run(seed, held_out) if recipe == "reference" else dancecore_run(recipe, seed, held_out, tmp)
+            for seed in args.seeds
+            for recipe in args.recipes
+        ]
+
+    return benchmark(args, make_runs, ["dancegrpo", "reference"])
 
 
 if __name__ == "__main__":
