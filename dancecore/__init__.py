@@ -82,6 +82,7 @@ _EXPORTS: dict[str, str] = {
     # pixel checks for rewards
     "check_pixels": "dancecore.plugin_kit.pixels",
     "flatten_frames": "dancecore.plugin_kit.pixels",
+    "relative_position": "dancecore.plugin_kit.relations",
     "finite_or_raise": "dancecore.plugin_kit.pixels",
     "FlatFrames": "dancecore.plugin_kit.pixels",
     # errors
@@ -183,6 +184,7 @@ if TYPE_CHECKING:  # static checkers see the real names
     from dancecore.plugin_kit.network import DTYPES, LoraOptions, NetworkOptions, prepare_trainable
     from dancecore.plugin_kit.pixels import FlatFrames, check_pixels, finite_or_raise, flatten_frames
     from dancecore.plugin_kit.planning import architecture_configs, config_kwargs, on_meta
+    from dancecore.plugin_kit.relations import relative_position
     from dancecore.plugin_kit.sequence_parallel import (
         gather_output_hook,
         gather_tokens,

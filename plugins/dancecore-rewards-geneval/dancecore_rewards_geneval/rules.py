@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import dancecore
 from dancecore_rewards_geneval.prompts import COLORS, Clause, Spec
 
 THRESHOLD = 0.3
@@ -75,21 +76,7 @@ def relative_position(a: Detection, b: Detection) -> set[str]:
     boxes = np.asarray([a.box, b.box], dtype=np.float64).reshape(2, 2, 2)
     center_a, center_b = boxes.mean(axis=1)
     dim_a, dim_b = np.abs(boxes[:, 1] - boxes[:, 0])
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0.0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    return dancecore.relative_position(center_a - center_b, dim_a + dim_b, POSITION_THRESHOLD)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+import dancecore
 from dancecore_shapes.scenes import BACKGROUND, COLORS, SceneSpec
 
 _NAMES = tuple(COLORS)
@@ -164,21 +165,7 @@ def relations(a: Detection, b: Detection) -> set[str]:
     """
     (ax, ay), (bx, by) = a.center, b.center
     dims = np.array([a.box[2] - a.box[0] + b.box[2] - b.box[0], a.box[3] - a.box[1] + b.box[3] - b.box[1]])
-    offset = np.array([ax - bx, ay - by])
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0.0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    return dancecore.relative_position((ax - bx, ay - by), dims, POSITION_THRESHOLD)
 
 
 def conditions(spec: SceneSpec, detections: Sequence[Detection]) -> list[float]:
