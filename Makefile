@@ -56,11 +56,11 @@ endif
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.run
 
-# Every algorithm recipe on the shapes world, interleaved, 3 seeds: time to a held-out target (~2 h on 2 cores).
+# Every algorithm recipe on the shapes world, interleaved, 3 seeds: time to a held-out target (100 min on 2 cores).
 bench-algorithms: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.algorithms
 
-# The paper's ablations in miniature on the shapes world (noise sharing, timestep fraction, reward, best-of-N, G).
+# The paper's ablations in miniature on the shapes world (noise sharing, timestep fraction, reward, best-of-N, G; 60 min).
 ablations: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.ablations
 
