@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+import dancecore
 from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
@@ -58,8 +59,7 @@ class FluxPolicy:
 
         @model_validator(mode="after")
         def _one_source(self) -> FluxPolicy.Config:
-            if (self.pretrained is None) == (self.preset is None):
-                raise ValueError("give exactly one of `pretrained` (weights) or `preset: tiny`")
+            dancecore.check_one_weights_source(self.pretrained, self.preset)
             return self
 
     prediction_type = "flow"

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+import dancecore
 from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
@@ -88,15 +89,9 @@ class HunyuanVideoOptions(NetworkOptions):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> HunyuanVideoOptions:
-        if (self.pretrained is None) == (self.preset is None):
-            raise ValueError("give exactly one of `pretrained` (weights) or `preset: tiny`")
+        dancecore.check_one_weights_source(self.pretrained, self.preset)
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and value % PIXEL_MULTIPLE:
-                lower = value - value % PIXEL_MULTIPLE
-                raise ValueError(
-                    f"{name} must be a multiple of {PIXEL_MULTIPLE}, got {value} (try {lower} or {lower + PIXEL_MULTIPLE})"
-                )
+            dancecore.check_multiple(name, getattr(self, name), PIXEL_MULTIPLE)
         if self.num_frames is not None and (self.num_frames - 1) % TEMPORAL_COMPRESSION:
             lower = self.num_frames - (self.num_frames - 1) % TEMPORAL_COMPRESSION
             raise ValueError(

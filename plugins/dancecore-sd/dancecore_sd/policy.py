@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+import dancecore
 from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
@@ -67,8 +68,7 @@ class StableDiffusionPolicy:
 
         @model_validator(mode="after")
         def _one_source(self) -> StableDiffusionPolicy.Config:
-            if (self.pretrained is None) == (self.preset is None):
-                raise ValueError("give exactly one of `pretrained` (weights) or `preset: tiny`")
+            dancecore.check_one_weights_source(self.pretrained, self.preset)
             return self
 
     prediction_type = "epsilon"

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+import dancecore
 from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
@@ -77,11 +78,8 @@ class SD3Policy:
 
         @model_validator(mode="after")
         def _check(self) -> SD3Policy.Config:
-            if (self.pretrained is None) == (self.preset is None):
-                raise ValueError("give exactly one of `pretrained` (weights) or `preset: tiny`")
-            if self.resolution is not None and self.resolution % 16:
-                lower = self.resolution - self.resolution % 16
-                raise ValueError(f"resolution must be a multiple of 16, got {self.resolution} (try {lower})")
+            dancecore.check_one_weights_source(self.pretrained, self.preset)
+            dancecore.check_multiple("resolution", self.resolution, 16)
             return self
 
     prediction_type = "flow"

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+import dancecore
 from dancecore import (
     DTYPES,
     TINY_TOKENIZER,
@@ -103,15 +104,9 @@ class WanT2VPolicy:
 
         @model_validator(mode="after")
         def _check(self) -> WanT2VPolicy.Config:
-            if (self.pretrained is None) == (self.preset is None):
-                raise ValueError("give exactly one of `pretrained` (weights) or `preset: tiny`")
+            dancecore.check_one_weights_source(self.pretrained, self.preset)
             for name in ("height", "width"):
-                value = getattr(self, name)
-                if value is not None and value % PIXEL_MULTIPLE:
-                    lower = value - value % PIXEL_MULTIPLE
-                    raise ValueError(
-                        f"{name} must be a multiple of {PIXEL_MULTIPLE}, got {value} (try {lower} or {lower + 16})"
-                    )
+                dancecore.check_multiple(name, getattr(self, name), PIXEL_MULTIPLE)
             if self.num_frames is not None and (self.num_frames - 1) % TEMPORAL_COMPRESSION:
                 lower = self.num_frames - (self.num_frames - 1) % TEMPORAL_COMPRESSION
                 raise ValueError(f"num_frames must be 4k + 1, got {self.num_frames} (try {lower} or {lower + 4})")

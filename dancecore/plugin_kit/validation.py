@@ -1,0 +1,17 @@
+"""Config checks that policy plugins share (raise ``ValueError`` inside a pydantic validator, which
+dancecore reports naming the key)."""
+
+from __future__ import annotations
+
+
+def check_one_weights_source(pretrained: str | None, preset: str | None) -> None:
+    """A policy loads either real weights (``pretrained``) or a tiny preset, never both or neither."""
+    if (pretrained is None) == (preset is None):
+        raise ValueError("give exactly one of `pretrained` (weights) or `preset: tiny`")
+
+
+def check_multiple(name: str, value: int | None, multiple: int) -> None:
+    """``value`` (when set) must be a multiple of ``multiple``; the error suggests the two nearest."""
+    if value is not None and value % multiple:
+        lower = value - value % multiple
+        raise ValueError(f"{name} must be a multiple of {multiple}, got {value} (try {lower} or {lower + multiple})")
