@@ -8,7 +8,7 @@ PIP := $(BIN)/pip
 TORCH := torch==2.14.1 torchvision==0.29.1
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 
-.PHONY: quickstart test install install-dev bench bench-algorithms ablations gpu-check lint docs clean
+.PHONY: quickstart smoke test install install-dev bench bench-algorithms ablations gpu-check lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# GRPO on the pretrained shapes world: held-out score before and after, and their grids (docs/shapes.md).
 quickstart: $(VENV)/.installed
-	$(BIN)/dancecore train configs/quickstart.yaml --resume
+	OMP_NUM_THREADS=1 $(BIN)/dancecore train configs/quickstart.yaml --resume
+
+# The fast smoke recipe: a tiny random-init FLUX learns to make bright images (~30 s).
+smoke: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/dancecore train configs/smoke.yaml --resume
 
 # The test matrix in two streams, one per core: the core session beside all the others (lint and one
 # session per plugin), each line prefixed with its stream. `make test TEST_JOBS=1` runs them one by one.

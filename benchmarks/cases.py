@@ -26,7 +26,8 @@ from dancecore.functional.grpo import trainable_steps
 from dancecore.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+SMOKE = ROOT / "configs" / "smoke.yaml"  # the tiny-FLUX smoke recipe (brightness)
+SHAPES_RECIPE = ROOT / "configs" / "shapes" / "grpo.yaml"
 
 # The setting the performance targets are stated for: tiny FLUX, G = 8, 16 steps, one group.
 HEADLINE = [
@@ -43,8 +44,13 @@ def flux_overrides(extra: list[str] | None = None) -> list[str]:
 
 
 def policy_config(name: str) -> dict[str, Any]:
-    """A quickstart-shaped config dict for another policy's tiny preset."""
-    data = load_yaml_file(QUICKSTART)
+    """A smoke-recipe-shaped config dict for another policy's tiny preset, or (``shapes``) the shapes
+    world's GRPO recipe on its pretrained FLUX, without its periodic evaluation."""
+    if name == "shapes":
+        data = load_yaml_file(SHAPES_RECIPE)
+        data.pop("eval", None)
+        return data
+    data = load_yaml_file(SMOKE)
     if name == "sd":
         data["policy"] = {"name": "sd", "preset": "tiny"}
         data["sampler"] = {"name": "ddim-sde", "num_steps": 16}
@@ -57,14 +63,15 @@ def policy_config(name: str) -> dict[str, Any]:
 
 
 def build_trainer(overrides: list[str], threads: int = 1, policy: str = "flux") -> Trainer:
-    """A Trainer on a throw-away output directory, without progress bar or TensorBoard."""
+    """A Trainer on a throw-away output directory, without progress bar or TensorBoard. Every policy
+    but ``shapes`` (which keeps its recipe's batch: 4 prompts x 8, 8 steps) gets the headline setting."""
     data = policy_config(policy)
     out = tempfile.mkdtemp(prefix="dancecore-bench-")
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     apply_overrides(
         data,
         [
-            *HEADLINE,
+            *(HEADLINE if policy != "shapes" else []),
             f"output_dir={out}",
             f"train.num_threads={threads}",
             "logging.progress_bar=false",

@@ -71,7 +71,7 @@ def _quickstart(tmp_path: Path, name: str, iterations: int):
         "train.checkpoint_every=1000",
         "train.sample_every=0",
     ]
-    return load_run(ROOT / "configs" / "quickstart.yaml", overrides)
+    return load_run(ROOT / "configs" / "smoke.yaml", overrides)
 
 
 def _with_algorithm(run, name: str, cls: type, **options):

@@ -65,7 +65,7 @@ def test_a_missing_prompt_file_names_the_key_and_both_places(tmp_path, monkeypat
 def test_the_bundled_recipes_read_their_prompts_from_the_repository_root(monkeypatch):
     pytest.importorskip("dancecore_flux")
     monkeypatch.chdir(ROOT)
-    run = load_run(Path("configs/quickstart.yaml"))
+    run = load_run(Path("configs/smoke.yaml"))
     assert run.config.prompts.path == Path("configs/prompts/quickstart.txt")
 
 

@@ -179,7 +179,7 @@ def test_rank_listing() -> None:
 
 def test_rank_command_forwards_config_overrides_and_flags() -> None:
     args = argparse.Namespace(
-        config="configs/quickstart.yaml",
+        config="configs/smoke.yaml",
         overrides=["train.iterations=2", "seed=1"],
         resume=True,
         allow_pickle=False,
@@ -193,7 +193,7 @@ def test_rank_command_forwards_config_overrides_and_flags() -> None:
         "dancecore.cli",
         "--debug",
         "train",
-        "configs/quickstart.yaml",
+        "configs/smoke.yaml",
         "train.iterations=2",
         "seed=1",
         "--resume",

@@ -1,6 +1,6 @@
 """The quickstart on two real CPU ranks through the CLI (``--nproc 2``), against one process.
 
-Six short runs of configs/quickstart.yaml (3 iterations, checkpoints after 2 and 3), built
+Six short runs of configs/smoke.yaml (3 iterations, checkpoints after 2 and 3), built
 lazily and shared by the tests:
 
 - ``local``: one process, no DeepSpeed (the reference);
@@ -56,7 +56,7 @@ class Runs:
 
     def _train(self, name: str, *extra: str, resume: bool = False, nproc: int | None = None) -> Path:
         out = self.root / name
-        args = ["train", "configs/quickstart.yaml", f"output_dir={out}", *OVERRIDES, *extra]
+        args = ["train", "configs/smoke.yaml", f"output_dir={out}", *OVERRIDES, *extra]
         if nproc:
             args += ["--nproc", str(nproc)]
         if resume:

@@ -157,3 +157,18 @@ def test_eval_num_steps_sets_the_evaluation_schedule(tmp_path):
     noise = policy.initial_noise(1, generator(0, "eval", 0, 0))
     ours = deterministic_rollout(policy, prompts, noise, sampler=sampler, num_steps=2)
     assert torch.equal(ours.pixels, pixels(2)) and ours.sigmas.shape == (3,)
+
+
+def test_the_run_summary_reports_each_mean_and_a_rewards_overall_before_and_after(tmp_path):
+    from dancecore.training.evaluation import eval_summary
+
+    history = [
+        {"iteration": 0, "eval/shapes": 0.125, "eval/shapes/colors": 0.5, "eval/shapes/overall": 0.2},
+        {"iteration": 500, "eval/shapes": 0.2, "eval/shapes/colors": 0.75, "eval/shapes/overall": 0.325},
+    ]
+    text = eval_summary(history, tmp_path)
+    assert "(iteration 0 -> 500)" in text
+    assert "shapes 0.125 -> 0.200 (+0.075)" in text and "shapes/overall 0.200 -> 0.325 (+0.125)" in text
+    assert "colors" not in text  # per-group breakdowns stay in results.json and the tables
+    assert str(tmp_path / "eval" / "iter-000500" / "grid.png") in text
+    assert eval_summary(history[:1], tmp_path) is None

@@ -13,7 +13,7 @@ from dancecore.config.schema import apply_overrides, load_yaml_file, validate
 from dancecore.outputs.observers import ObservabilityError, Observers, open_observers, scalar_tags
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+QUICKSTART = ROOT / "configs" / "smoke.yaml"
 TINY = ["train.prompts_per_iteration=1", "optimizer.group_size=4", "sampler.num_steps=4"]
 
 

@@ -22,14 +22,14 @@ CHART_COUNT = 8  # charts every report draws
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three iterations of the tiny-FLUX quickstart, a sample grid after each."""
+    """Three iterations of the tiny-FLUX smoke recipe, a sample grid after each."""
     pytest.importorskip("dancecore_flux")
     from dancecore.config.schema import load_run
     from dancecore.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     run = load_run(
-        ROOT / "configs" / "quickstart.yaml",
+        ROOT / "configs" / "smoke.yaml",
         [
             f"output_dir={out}",
             "train.iterations=3",

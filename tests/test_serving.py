@@ -160,9 +160,9 @@ def test_the_quickstart_trains_through_a_served_reward_with_the_local_metrics(
 ) -> None:
     from dancecore.training.trainer import Trainer
 
-    local = _quickstart(tmp_path, "quickstart.yaml")
+    local = _quickstart(tmp_path, "smoke.yaml")
     # the bundled recipe: brightness served by `dancecore serve-reward`, scored while the rollout goes on
-    remote = _quickstart(tmp_path, "serving/quickstart-remote.yaml", f"rewards[0].url={server.url}")
+    remote = _quickstart(tmp_path, "serving/smoke-remote.yaml", f"rewards[0].url={server.url}")
     assert remote.config.train.overlap_reward and remote.rewards[0].name == "remote"
     assert Trainer(local).train() == "finished"
     assert Trainer(remote).train() == "finished"

@@ -344,10 +344,10 @@ def eval_summary(history: list[dict[str, Any]], output_dir: Path) -> str | None:
         return None
     first, last = history[0], history[-1]
     grids = [output_dir / "eval" / f"iter-{r['iteration']:06d}" / "grid.png" for r in (first, last)]
-    parts = [
+    parts = [  # each reward's mean, and its summary's "overall" where it has one (GenEval's task mean)
         f"{key.removeprefix('eval/')} {first[key]:.3f} -> {last[key]:.3f} ({last[key] - first[key]:+.3f})"
         for key in first
-        if key.startswith("eval/") and key.count("/") == 1 and key in last
+        if key.startswith("eval/") and (key.count("/") == 1 or key.endswith("/overall")) and key in last
     ]
     return (
         f"held-out eval (iteration {first['iteration']} -> {last['iteration']}): "

@@ -8,8 +8,12 @@ Writes a diffusers directory (``transformer/`` FluxTransformer2DModel, ``vae/`` 
 
 Stages, all on CPU with one thread and a fixed seed:
 
-1. data: every caption of ``configs/prompts/shapes_train.txt`` (never the held-out split) is parsed
-   to a scene and rendered ``--renders`` times with different seeds (layouts/sizes vary);
+1. data: every caption of the grammar (``--corpus all``, the default: the pretraining corpus holds
+   the compositions a benchmark later asks for, as a web-scale corpus does; the GRPO prompt split
+   of ``configs/prompts/`` is about what *fine-tuning* sees) or only those of
+   ``configs/prompts/shapes_train.txt`` (``--corpus train``), each parsed to a scene and rendered
+   ``--renders`` times with different seeds (layouts/sizes vary); ``--caption-noise p`` makes each
+   render show its task's typical mistake instead with probability p;
 2. the VAE (3 blocks, 4x downsampling: 32 px -> 8x8x8 latent -> 16 packed FLUX tokens) on those
    renders: L1 + MSE reconstruction and a small KL; ``shift_factor``/``scaling_factor`` are then
    the mean and the inverse std of the latents;
@@ -88,7 +92,7 @@ SPEC: dict = {
 }
 
 DEFAULTS = {
-    "renders": 96,  # renders per training caption
+    "renders": 48,  # renders per caption
     "vae_steps": 1500,
     "vae_batch": 32,
     "vae_lr": 2e-3,
@@ -96,6 +100,8 @@ DEFAULTS = {
     "flow_steps": 3500,
     "flow_batch": 64,
     "flow_lr": 2e-3,
+    "corpus": "all",  # "all": every caption of the grammar; "train": the training split's captions only
+    "caption_noise": 0.0,  # probability that a render shows the task's typical mistake instead
 }
 
 
@@ -167,15 +173,59 @@ def train_captions(path: Path) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
-def render_dataset(captions: list[str], renders: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [-1, 1] (N, 3, 32, 32) and the caption index of each."""
+def corpus_captions(corpus: str, prompts: Path | None) -> list[str]:
+    """The pretraining captions: the training split (``"train"``, the prompt file) or every caption
+    the grammar can produce (``"all"``: the six tasks' 240 captions, held-out ones included, as a
+    web-scale corpus contains the compositions a benchmark later asks for)."""
+    if corpus == "train":
+        return train_captions(Path(prompts) if prompts is not None else find_train_prompts())
+    if corpus == "all":
+        from dancecore_shapes import scenes
+
+        return [scenes.caption(spec) for task in scenes.TASKS for spec in scenes.all_specs(task)]
+    raise ValueError(f"corpus must be 'train' or 'all', got {corpus!r}")
+
+
+_FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def mistake(spec, rng: np.random.Generator):
+    """The scene a noisy caption of ``spec`` actually shows: the typical error of its task, as
+    text-to-image models make them (a wrong shape or colour, one object too many or too few, the
+    relation mirrored, the two colours swapped, a pair drawn as two of one shape)."""
+    from dancecore_shapes.scenes import COLORS, COUNTS, SHAPES, Obj, SceneSpec
+
+    a = spec.objects[0]
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    if spec.task == "single_object":
+        return SceneSpec("single_object", (Obj(pick([s for s in SHAPES if s != a.shape])),))
+    if spec.task == "two_object":
+        return SceneSpec("counting", (Obj(pick([o.shape for o in spec.objects])),), count=2)
+    if spec.task == "counting":
+        near = [n for n in COUNTS if abs(n - spec.count) == 1]
+        return SceneSpec("counting", (a,), count=pick(near))
+    if spec.task == "colors":
+        return SceneSpec("colors", (Obj(a.shape, pick([c for c in COLORS if c != a.color])),))
+    if spec.task == "position":
+        return SceneSpec("position", spec.objects, relation=_FLIP[spec.relation])
+    b = spec.objects[1]  # color_attr: each colour on the other shape
+    return SceneSpec("color_attr", (Obj(a.shape, b.color), Obj(b.shape, a.color)))
+
+
+def render_dataset(
+    captions: list[str], renders: int, seed: int, caption_noise: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] (N, 3, 32, 32) and the caption index of each. With ``caption_noise`` p,
+    each render independently shows :func:`mistake` of its caption with probability p."""
     from dancecore_shapes import scenes
 
     images, index = [], []
+    noise_rng = np.random.default_rng(seed + 7)
     for c, text in enumerate(captions):
         spec = scenes.parse_caption(text)
         for r in range(renders):
-            images.append(scenes.render(spec, size=32, seed=seed * 1_000_003 + c * 1009 + r))
+            shown = mistake(spec, noise_rng) if noise_rng.random() < caption_noise else spec
+            images.append(scenes.render(shown, size=32, seed=seed * 1_000_003 + c * 1009 + r))
             index.append(c)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
     return pixels.contiguous(), torch.tensor(index)
@@ -365,10 +415,12 @@ def pretrain(
     words = vocabulary()
     tok_ids = write_word_tokenizer(out / "tokenizer", words, bos=True)
     write_word_tokenizer(out / "tokenizer_2", words, bos=False)
-    prompts = Path(prompts) if prompts is not None else find_train_prompts()
-    captions = train_captions(prompts)
-    pixels, index = render_dataset(captions, hp["renders"], seed)
-    log(f"{len(words)} words, {len(captions)} training captions, {pixels.shape[0]} renders")
+    captions = corpus_captions(hp["corpus"], prompts)
+    pixels, index = render_dataset(captions, hp["renders"], seed, hp["caption_noise"])
+    log(
+        f"{len(words)} words, {len(captions)} captions ({hp['corpus']}), {pixels.shape[0]} renders, "
+        f"caption noise {hp['caption_noise']}"
+    )
 
     if vae_from is not None:  # stage 1 already done (same seed and data): reuse its VAE
         vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", local_files_only=True).eval()
@@ -426,8 +478,9 @@ def pretrain(
         },
         "vae_seconds": round(vae_time, 1),
         "total_seconds": round(total, 1),
-        "train_prompts": str(prompts.name),
-        "train_captions": len(captions),
+        "corpus": hp["corpus"],
+        "captions": len(captions),
+        "vae_from": None if vae_from is None else str(vae_from),
         "renders": int(pixels.shape[0]),
         "torch": torch.__version__,
     }
