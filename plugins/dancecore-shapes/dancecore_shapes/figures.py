@@ -1,0 +1,73 @@
+"""Before/after figures of a held-out evaluation: chosen rows of two evaluation grids side by side.
+
+    python -m dancecore_shapes.figures BEFORE/grid.png AFTER/grid.png OUT.png --prompts FILE [--rows 0,2,5]
+
+An evaluation grid (``dancecore eval`` or the run's ``eval:``) has one row per prompt and one
+column per sample seed, so the two halves of the figure show the same prompts from the same seeds.
+Each row is labelled with its caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+GAP = 12  # pixels between the two halves
+LABEL_WIDTH = 260
+
+
+def before_after(
+    before: Path,
+    after: Path,
+    captions: list[str],
+    rows: list[int],
+    scale: int = 2,
+    tile: int | None = None,
+    columns: int | None = None,
+) -> Image.Image:
+    """The figure: for each of ``rows``, its caption, the row of ``before`` and the row of ``after``
+    (their first ``columns`` samples, or all)."""
+    a, b = Image.open(before).convert("RGB"), Image.open(after).convert("RGB")
+    if a.size != b.size:
+        raise ValueError(f"the two grids differ in size: {before} {a.size} vs {after} {b.size}")
+    tile = tile or a.size[1] // len(captions)
+    if tile * len(captions) != a.size[1]:
+        raise ValueError(f"{before}: {a.size[1]} px high is not {len(captions)} rows (one per caption)")
+    width = a.size[0] if columns is None else min(a.size[0], columns * tile)
+    header = 16
+    out = Image.new("RGB", (LABEL_WIDTH + (2 * width + GAP) * scale, header + tile * scale * len(rows)), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((LABEL_WIDTH, 2), "before", fill="black")
+    draw.text((LABEL_WIDTH + (width + GAP) * scale, 2), "after", fill="black")
+    for i, row in enumerate(rows):
+        if not 0 <= row < len(captions):
+            raise ValueError(f"row {row} is outside the {len(captions)} captions")
+        top = header + i * tile * scale
+        box = (0, row * tile, width, (row + 1) * tile)
+        for j, grid in enumerate((a, b)):
+            strip = grid.crop(box).resize((width * scale, tile * scale), Image.NEAREST)
+            out.paste(strip, (LABEL_WIDTH + j * (width + GAP) * scale, top))
+        draw.text((4, top + tile * scale // 2 - 6), captions[row].removeprefix("a photo of "), fill="black")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dancecore_shapes.figures", description=__doc__.splitlines()[0])
+    p.add_argument("before", type=Path)
+    p.add_argument("after", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--prompts", type=Path, required=True, help="the evaluation's prompt file (one caption per line)")
+    p.add_argument("--rows", default="", help="comma-separated row indices (default: all)")
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--columns", type=int, default=None, help="samples per row to show (default: all)")
+    args = p.parse_args(argv)
+    captions = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    rows = [int(r) for r in args.rows.split(",") if r] or list(range(len(captions)))
+    before_after(args.before, args.after, captions, rows, args.scale, columns=args.columns).save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
