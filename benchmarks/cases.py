@@ -44,8 +44,9 @@ def flux_overrides(extra: list[str] | None = None) -> list[str]:
 
 
 def policy_config(name: str) -> dict[str, Any]:
-    """A smoke-recipe-shaped config dict for another policy's tiny preset, or (``shapes``) the shapes
-    world's GRPO recipe on its pretrained FLUX, without its periodic evaluation."""
+    """The config dict a benchmark trains: the smoke recipe on a policy's tiny preset in the headline
+    setting, or (``shapes``) the shapes world's GRPO recipe as it ships (its own batch: 4 prompts x 8,
+    8 steps) on its pretrained FLUX, without its periodic evaluation."""
     if name == "shapes":
         data = load_yaml_file(SHAPES_RECIPE)
         data.pop("eval", None)
@@ -59,19 +60,19 @@ def policy_config(name: str) -> dict[str, Any]:
         data["sampler"] = {"name": "flow-sde", "num_steps": 16, "shift": 5.0, "eta": 0.25}
     elif name != "flux":
         raise ValueError(f"no benchmark config for policy {name!r}")
+    apply_overrides(data, HEADLINE)
     return data
 
 
 def build_trainer(overrides: list[str], threads: int = 1, policy: str = "flux") -> Trainer:
-    """A Trainer on a throw-away output directory, without progress bar or TensorBoard. Every policy
-    but ``shapes`` (which keeps its recipe's batch: 4 prompts x 8, 8 steps) gets the headline setting."""
+    """A Trainer for :func:`policy_config` on a throw-away output directory, without progress bar or
+    TensorBoard."""
     data = policy_config(policy)
     out = tempfile.mkdtemp(prefix="dancecore-bench-")
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     apply_overrides(
         data,
         [
-            *(HEADLINE if policy != "shapes" else []),
             f"output_dir={out}",
             f"train.num_threads={threads}",
             "logging.progress_bar=false",

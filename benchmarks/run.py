@@ -237,7 +237,7 @@ def efficiency(trainer: Any, repeats: int, warmup: int) -> dict[str, Any]:
 
 def suite_shapes(args: argparse.Namespace) -> dict[str, Any]:
     """The headline efficiency: the shapes world's GRPO recipe on its pretrained FLUX (0.5M-parameter
-    transformer; network-dominated, unlike tiny FLUX whose fixed encode/decode costs dominate)."""
+    transformer; its exact reward and VAE decode are about a fifth of the iteration, docs/performance.md)."""
     trainer = build_trainer([], args.threads, policy="shapes")
     return efficiency(trainer, repeats=args.repeats, warmup=args.warmup)
 

@@ -36,10 +36,14 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dancecore_shapes.scenes import SceneSpec
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 MAX_TOKENS = 16  # CLIP and T5 sequence length (the policy's `max_sequence_length`)
@@ -189,7 +193,7 @@ def corpus_captions(corpus: str, prompts: Path | None) -> list[str]:
 _FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def mistake(spec, rng: np.random.Generator):
+def mistake(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
     """The scene a noisy caption of ``spec`` actually shows: the typical error of its task, as
     text-to-image models make them (a wrong shape or colour, one object too many or too few, the
     relation mirrored, the two colours swapped, a pair drawn as two of one shape)."""
