@@ -20,6 +20,7 @@ per iteration). ``recipe`` is the shipped recipe itself. Writes ``<out>.json``, 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from benchmarks.algorithms import GRPO, HeldOut, Run, _trainer, add_arguments, benchmark, trainer_run
@@ -48,15 +49,13 @@ def variant_run(name: str, seed: int, held_out: HeldOut, out: Path) -> Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     add_arguments(parser, seeds=2, budget=150.0, eval_every=75.0, eval_samples=4, out="ablations")
     args = parser.parse_args(argv)
-
-    def make_runs(held_out: HeldOut, tmp: Path) -> list[Run]:
-        return [variant_run(name, seed, held_out, tmp) for seed in args.seeds for name in args.variants]
-
-    return benchmark(args, make_runs, ["recipe"])
+    specs = [(name, seed) for seed in args.seeds for name in args.variants]
+    return benchmark(args, specs, variant_run, ["recipe"], module="benchmarks.ablations", argv=argv)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,23 @@ recipe keeps one) sample the held-out captions with the deterministic ODE from f
 ``dancecore eval`` does, and the exact ``shapes`` verdict is summarised GenEval-style (mean over tasks
 of the per-task accuracy). The base weights are evaluated once: every curve starts there at 0 s.
 
-Recipes (configs/shapes/*.yaml; see docs/algorithms.md): ``dancegrpo`` (the shipped GRPO
-recipe, grpo.yaml), ``flow-grpo`` (sigma-dependent SDE noise, own initial noise per sample, every step trained),
+Recipes (configs/shapes/*.yaml; see docs/algorithms.md): ``dancegrpo`` (the quickstart's GRPO
+recipe, configs/quickstart.yaml: lr 5e-5 and an EMA of the weights, which every GRPO-family recipe
+here shares), ``flow-grpo`` (sigma-dependent SDE noise, own initial noise per sample, every step trained),
 ``flow-grpo-kl`` (the same with KL 0.04 to the base), ``mixgrpo`` (2-step SDE window moving every 10
 iterations, ODE elsewhere), ``mixgrpo-flash`` (the same with DPM-Solver++(2M) after the window on 40%
 of its steps), ``diffusion-nft`` (configs/shapes/nft.yaml), and ``reference``: the research-script loop
-of benchmarks/reference_loop.py (batch-1 everything) with the shipped GRPO recipe's hyperparameters.
+of benchmarks/reference_loop.py (batch-1 everything, no EMA: the research scripts keep none) with the
+quickstart recipe's hyperparameters.
 
 Reported per recipe: time to reach each target (base + delta, ``--deltas``; the earliest evaluation at
 or above it, so its resolution is ``--eval-every``), the final score at the budget, seconds and network
 calls per iteration. Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+
+``--workers N`` splits the runs over N processes (run i to worker i mod N, so each worker steps
+every recipe), each stepping its share round-robin on one torch thread; on an N-core machine the
+table then takes 1/N of the time. Every run still has its own clock, and every recipe shares each
+worker's machine alike.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -41,13 +49,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO = ROOT / "configs/shapes/grpo.yaml"
+QUICKSTART = ROOT / "configs/quickstart.yaml"
 NFT = ROOT / "configs/shapes/nft.yaml"
 HELD_OUT = ROOT / "configs/prompts/shapes_heldout.txt"
 EVAL_SEED = 1234
 
 SHAPES = ROOT / "configs/shapes"
 RECIPES: dict[str, Path | None] = {
-    "dancegrpo": GRPO,
+    "dancegrpo": QUICKSTART,
     "flow-grpo": SHAPES / "flow_grpo.yaml",
     "flow-grpo-kl": SHAPES / "flow_grpo_kl.yaml",
     "mixgrpo": SHAPES / "mixgrpo.yaml",
@@ -99,18 +108,18 @@ class HeldOut:
         gold = [r for r in probe.rewards if r.name == "shapes"]
         partial = [r for r in probe.rewards if r.name == "shapes_partial"]
         if not gold or not partial:
-            raise RuntimeError(f"{GRPO} must log the exact `shapes` reward and train on `shapes_partial`")
+            raise RuntimeError(f"{QUICKSTART} must log the exact `shapes` reward and train on `shapes_partial`")
         self.gold, self.partial = gold[0].component, partial[0].component
 
-    def score(self, trainer: Any) -> float:
-        """Held-out score of ``trainer``'s weights (its EMA when it keeps one)."""
+    def score(self, trainer: Any, *, ema: bool = True) -> float:
+        """Held-out score of ``trainer``'s weights (its EMA when it keeps one, unless ``ema`` is False)."""
         from dancecore.training.evaluation import ode_samples
 
         module = trainer.policy.module
         was_training = module.training
         module.eval()
         try:
-            with trainer.ema.swapped_in(module) if trainer.ema is not None else contextlib.nullcontext():
+            with trainer.ema.swapped_in(module) if ema and trainer.ema is not None else contextlib.nullcontext():
                 items, pixels = ode_samples(
                     trainer.policy,
                     trainer.sampler,
@@ -165,7 +174,7 @@ def dancecore_run(recipe: str, seed: int, held_out: HeldOut, out: Path) -> Run:
 
 
 def reference_run(seed: int, held_out: HeldOut) -> Run:
-    """The research-script loop with the shipped GRPO recipe's settings, scored by ``shapes_partial``."""
+    """The research-script loop with the quickstart recipe's settings (no EMA), scored by ``shapes_partial``."""
     from benchmarks.reference_loop import ReferenceLoop, ReferenceSettings
     from dancecore.training.prompts import read_prompt_file
 
@@ -202,7 +211,7 @@ def reference_run(seed: int, held_out: HeldOut) -> Run:
         saved = {k: v.clone() for k, v in module.state_dict().items()}
         module.load_state_dict(loop.transformer.state_dict())
         try:
-            return held_out.score(held_out.probe)
+            return held_out.score(held_out.probe, ema=False)  # the loaded reference weights, not the probe's EMA
         finally:
             module.load_state_dict(saved)
 
@@ -334,29 +343,139 @@ def add_arguments(
     parser.add_argument("--eval-samples", type=int, default=eval_samples, help="samples per held-out caption")
     parser.add_argument("--deltas", nargs="+", type=float, default=[0.15, 0.05], help="targets: base + delta")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results" / out)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes (one torch thread each) that share the runs: run i goes to worker i mod N, and each "
+        "worker steps its runs round-robin; the results are merged into one table",
+    )
+    parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "k/N": set by --workers for its workers
+
+
+Spec = tuple[str, int]  # (recipe or variant, seed)
+Build = Callable[[str, int, HeldOut, Path], Run]
+
+
+def shard_of(specs: Sequence[Spec], shard: str | None) -> list[Spec]:
+    """The runs of worker ``k`` of ``N`` (``shard`` = "k/N"): every N-th run starting at k."""
+    if shard is None:
+        return list(specs)
+    k, n = (int(x) for x in shard.split("/"))
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {shard}: want k/N with 0 <= k < N")
+    return list(specs)[k::n]
+
+
+def record(run: Run) -> dict[str, Any]:
+    """What a run measured, JSON-safe (a worker's result, merged by the parent)."""
+    return {
+        "recipe": run.recipe,
+        "seed": run.seed,
+        "seconds": run.seconds,
+        "iterations": run.iterations,
+        "calls": run.calls(),
+        "iteration_seconds": run.iteration_seconds,
+        "curve": [list(point) for point in run.curve],
+    }
+
+
+def from_record(data: dict[str, Any]) -> Run:
+    """The inverse of :func:`record` (a finished run: it cannot step or evaluate)."""
+
+    def finished(*_: Any) -> Any:
+        raise RuntimeError(f"{data['recipe']} seed {data['seed']} was measured by a worker; it cannot run here")
+
+    calls = int(data["calls"])
+    run = Run(data["recipe"], int(data["seed"]), step=finished, evaluate=finished, calls=lambda: calls)
+    run.seconds, run.iterations = float(data["seconds"]), int(data["iterations"])
+    run.iteration_seconds = [float(s) for s in data["iteration_seconds"]]
+    run.curve = [(float(s), int(i), float(v)) for s, i, v in data["curve"]]
+    return run
+
+
+def _measure(args: argparse.Namespace, specs: Sequence[Spec], build: Build) -> tuple[float, list[Run]]:
+    """Build this process's runs and step them round-robin; the base score and the finished runs."""
+    torch.set_num_threads(1)
+    prefix = f"[worker {args.shard}] " if args.shard else ""
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {prefix}{message}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="dancecore-bench-") as tmp:
+        held_out = HeldOut(_trainer(QUICKSTART, [], 0, Path(tmp) / "probe"), args.eval_samples)
+        base = held_out.score(held_out.probe)
+        log(f"base held-out score {base:.3f} ({len(held_out.prompts)} captions x {args.eval_samples})")
+        runs = [build(name, seed, held_out, Path(tmp)) for name, seed in shard_of(specs, args.shard)]
+        run_all(runs, base, args.budget, args.eval_every, log)
+    return base, runs
+
+
+def _workers(args: argparse.Namespace, module: str, argv: Sequence[str]) -> tuple[float, list[Run]]:
+    """Run ``args.workers`` copies of ``module`` on their shards and merge what they measured."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="dancecore-bench-parts-") as tmp:
+        parts = [Path(tmp) / f"part-{k}" for k in range(args.workers)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    module,
+                    *argv,
+                    "--workers",
+                    "1",
+                    "--shard",
+                    f"{k}/{args.workers}",
+                    "--out",
+                    str(part),
+                ],
+                cwd=ROOT,
+            )
+            for k, part in enumerate(parts)
+        ]
+        codes = [p.wait() for p in procs]
+        failed = [f"worker {k}/{args.workers} exited {c}" for k, c in enumerate(codes) if c != 0]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        results = [json.loads(part.with_suffix(".json").read_text()) for part in parts]
+    bases = {round(r["base"], 9) for r in results}
+    if len(bases) != 1:
+        raise RuntimeError(
+            f"the workers scored the base differently ({sorted(bases)}): evaluation is not deterministic"
+        )
+    runs = [from_record(d) for r in results for d in r["runs"]]
+    return results[0]["base"], runs
 
 
 def benchmark(
-    args: argparse.Namespace, make_runs: Callable[[HeldOut, Path], list[Run]], baselines: Sequence[str]
+    args: argparse.Namespace,
+    specs: Sequence[Spec],
+    build: Build,
+    baselines: Sequence[str],
+    *,
+    module: str,
+    argv: Sequence[str],
 ) -> int:
-    """Build the runs, step them round-robin, write ``<out>.json/.md/.png`` and print the table."""
-    torch.set_num_threads(1)
-
-    def log(message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="dancecore-bench-") as tmp:
-        held_out = HeldOut(_trainer(GRPO, [], 0, Path(tmp) / "probe"), args.eval_samples)
-        base = held_out.score(held_out.probe)
-        log(f"base held-out score {base:.3f} ({len(held_out.prompts)} captions x {args.eval_samples})")
-        runs = make_runs(held_out, Path(tmp))
-        run_all(runs, base, args.budget, args.eval_every, log)
+    """Measure the runs ``specs`` (in this process, or in ``--workers`` processes), write
+    ``<out>.json/.md/.png`` and print the table. ``module`` and ``argv`` re-invoke this benchmark
+    for its workers."""
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if args.workers > 1 and args.shard is None:
+        base, runs = _workers(args, module, argv)
+    else:
+        base, runs = _measure(args, specs, build)
+    order = {spec: i for i, spec in enumerate(specs)}
+    runs.sort(key=lambda r: order.get((r.recipe, r.seed), len(order)))
     summary = summarise(runs, base, args.deltas)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    curves = {f"{r.recipe}/{r.seed}": r.curve for r in runs}
-    result = {"settings": settings, "base": base, "summary": summary, "curves": curves}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "shard"}
+    result = {"settings": settings, "base": base, "summary": summary, "runs": [record(r) for r in runs]}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.shard is not None:
+        return 0  # a worker: the parent merges, tabulates and plots
     table = markdown(summary, base, args.budget, baselines)
     args.out.with_suffix(".md").write_text(table)
     plot(runs, base, args.deltas, args.out.with_suffix(".png"))
@@ -365,19 +484,17 @@ def benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     add_arguments(parser, seeds=3, budget=240.0, eval_every=80.0, eval_samples=4, out="algorithms")
     args = parser.parse_args(argv)
 
-    def make_runs(held_out: HeldOut, tmp: Path) -> list[Run]:
-        return [
-            reference_run(seed, held_out) if recipe == "reference" else dancecore_run(recipe, seed, held_out, tmp)
-            for seed in args.seeds
-            for recipe in args.recipes
-        ]
+    def build(recipe: str, seed: int, held_out: HeldOut, tmp: Path) -> Run:
+        return reference_run(seed, held_out) if recipe == "reference" else dancecore_run(recipe, seed, held_out, tmp)
 
-    return benchmark(args, make_runs, ["dancegrpo", "reference"])
+    specs = [(recipe, seed) for seed in args.seeds for recipe in args.recipes]
+    return benchmark(args, specs, build, ["dancegrpo", "reference"], module="benchmarks.algorithms", argv=argv)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ _EXPORTS: dict[str, str] = {
     "relative_position": "dancecore.plugin_kit.relations",
     "check_one_weights_source": "dancecore.plugin_kit.validation",
     "check_multiple": "dancecore.plugin_kit.validation",
+    "check_frame_count": "dancecore.plugin_kit.validation",
     "finite_or_raise": "dancecore.plugin_kit.pixels",
     "FlatFrames": "dancecore.plugin_kit.pixels",
     # errors
@@ -197,7 +198,7 @@ if TYPE_CHECKING:  # static checkers see the real names
         split_tokens,
         tokens_to_heads,
     )
-    from dancecore.plugin_kit.validation import check_multiple, check_one_weights_source
+    from dancecore.plugin_kit.validation import check_frame_count, check_multiple, check_one_weights_source
     from dancecore.plugin_kit.weights import (
         TINY_TOKENIZER,
         TinyTokenizerIds,

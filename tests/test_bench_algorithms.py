@@ -74,3 +74,32 @@ def test_every_ablation_variant_is_a_valid_config_change():
         changed = run.algorithm.config != base.algorithm.config or run.sampler.config != base.sampler.config
         changed = changed or run.rewards[0].config != base.rewards[0].config
         assert changed == bool(overrides), name
+
+
+def test_workers_share_every_run_exactly_once():
+    from benchmarks.algorithms import shard_of
+
+    specs = [(recipe, seed) for seed in range(3) for recipe in RECIPES]
+    shards = [shard_of(specs, f"{k}/2") for k in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(specs)
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+    assert {r for r, _ in shards[0]} == set(RECIPES)  # a worker steps every recipe (alternating), not half of them
+    assert shard_of(specs, None) == specs
+    with pytest.raises(ValueError, match="--shard 2/2"):
+        shard_of(specs, "2/2")
+
+
+def test_a_workers_record_merges_back_into_the_same_summary():
+    import json
+
+    from benchmarks.algorithms import from_record, record
+
+    base = 0.2
+    runs = [
+        _run("dancegrpo", 0, [(0.0, 0, base), (100.0, 10, 0.26), (200.0, 20, 0.30)]),
+        _run("fast", 1, [(0.0, 0, base), (50.0, 10, 0.31), (200.0, 40, 0.40)], calls=4),
+    ]
+    merged = [from_record(json.loads(json.dumps(record(r)))) for r in runs]
+    assert summarise(merged, base, [0.05]) == summarise(runs, base, [0.05])
+    with pytest.raises(RuntimeError, match="measured by a worker"):
+        merged[0].step(0)

@@ -95,3 +95,14 @@ def test_validate_refuses_tpu_and_cuda_on_this_machine_with_exit_code_2(tmp_path
         assert _main(["validate", str(config), f"train.device={device}"]) == 2
         err = capsys.readouterr().err
         assert f"  train.device: {device!r}" in err.replace("unknown device ", "") and "Traceback" not in err
+
+
+def test_frame_count_check_names_the_key_and_the_nearest_valid_counts():
+    import dancecore
+
+    for ok in (None, 1, 5, 53):
+        dancecore.check_frame_count("num_frames", ok, 4)
+    with pytest.raises(ValueError, match=r"num_frames must be 4k \+ 1 .*got 7 \(try 5 or 9\)"):
+        dancecore.check_frame_count("num_frames", 7, 4)
+    with pytest.raises(ValueError, match=r"frames must be 8k \+ 1 .*got 4 \(try 1 or 9\)"):
+        dancecore.check_frame_count("frames", 4, 8)

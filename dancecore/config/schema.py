@@ -148,6 +148,18 @@ class TrainConfig(StrictModel):
     lr_warmup_updates: int = Field(
         0, ge=0, description="Linear learning-rate warmup over this many optimizer updates (0: constant)."
     )
+    lr_decay: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After warmup: 'constant' (the paper's setting) or 'cosine' from learning_rate down to "
+        "learning_rate * lr_min_ratio at lr_decay_updates.",
+    )
+    lr_decay_updates: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer updates at which the cosine decay ends (warmup included); default: train.iterations, "
+        "which is one update per iteration (set it when samples_per_update splits an iteration).",
+    )
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="The cosine decay's final fraction of learning_rate.")
     weight_decay: float = Field(1e-4, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
@@ -173,6 +185,26 @@ class TrainConfig(StrictModel):
         description="torch.compile the policy's trainable network in place (names and checkpoints unchanged); "
         "the first iterations are slow while it compiles (about a minute for tiny FLUX on 2 CPU cores).",
     )
+
+    @model_validator(mode="after")
+    def _decay_horizon(self) -> TrainConfig:
+        if self.lr_decay == "constant":
+            return self
+        if self.lr_decay_updates is None and self.samples_per_update is not None:
+            raise ValueError(
+                "lr_decay_updates must be set when samples_per_update splits an iteration into several updates"
+            )
+        if self.decay_updates <= self.lr_warmup_updates:
+            raise ValueError(
+                f"the cosine decay ends at update {self.decay_updates}, not after the warmup "
+                f"(lr_warmup_updates {self.lr_warmup_updates})"
+            )
+        return self
+
+    @property
+    def decay_updates(self) -> int:
+        """The update at which the cosine decay ends (``lr_decay_updates``, default one per iteration)."""
+        return self.lr_decay_updates if self.lr_decay_updates is not None else self.iterations
 
 
 class RewardFailureConfig(StrictModel):

@@ -149,9 +149,14 @@ class Trainer:
         self.hooks = plugin_manager()
         self.stop = StopFlag()
         self.state = TrainingState(seed=cfg.seed)  # what a checkpoint saves and resume restores
-        self.lr_schedule = WarmupSchedule(cfg.train.learning_rate, cfg.train.lr_warmup_updates)
+        self.lr_schedule = WarmupSchedule(
+            cfg.train.learning_rate,
+            cfg.train.lr_warmup_updates,
+            cfg.train.decay_updates if cfg.train.lr_decay == "cosine" else None,
+            cfg.train.lr_min_ratio,
+        )
         if self.lr_schedule.active and not hasattr(getattr(self.engine, "optimizer", None), "param_groups"):
-            raise TrainingError("train.lr_warmup_updates needs an engine that exposes its optimizer")
+            raise TrainingError("train.lr_warmup_updates and train.lr_decay need an engine that exposes its optimizer")
         self.phase_times: dict[str, float] = {}  # seconds per phase of the last iteration (see timed)
         self._last_pixels = torch.zeros(0)
 

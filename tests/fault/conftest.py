@@ -30,8 +30,9 @@ from tests.conftest import ROOT, TINY_RUN, deep_update
 HERE = Path(__file__).resolve().parent
 FIXTURE_SITE = HERE / "fixtures" / "site"
 
-#: The trial run: 6 iterations, a checkpoint after each, LR warmup longer than the run (so the
-#: schedule's state matters), 1 prompt per iteration out of 4 (so the data cursor matters).
+#: The trial run: 6 iterations, a checkpoint after each, an LR warmup then a cosine decay that ends
+#: after the run (the learning rate differs at every update, so the schedule's state matters), 1 prompt
+#: per iteration out of 4 (so the data cursor matters).
 TRIAL_RUN: dict[str, Any] = deep_update(
     TINY_RUN,
     {
@@ -42,7 +43,9 @@ TRIAL_RUN: dict[str, Any] = deep_update(
             "checkpoint_every": 1,
             "keep_checkpoints": 3,
             "learning_rate": 3e-3,
-            "lr_warmup_updates": 20,
+            "lr_warmup_updates": 2,
+            "lr_decay": "cosine",
+            "lr_decay_updates": 8,
             "num_threads": 1,
             "ema": {"decay": 0.5, "every": 2},  # the EMA is state too: kills and resumes must keep it exact
         },

@@ -11,14 +11,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dancecore.checkpoint import plan_resume, verify
-from tests.conftest import ROOT
-from tests.fault.conftest import RunResult, copy_run, final_result, write_config
+from tests.conftest import ROOT, deep_update
+from tests.fault.conftest import TRIAL_RUN, RunResult, copy_run, final_result, write_config
 
 TRIALS = 20
 
@@ -93,13 +95,23 @@ def test_forked_runs_match_the_plain_command(baseline, tmp_path, fault_report):
     assert not differences
 
 
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(baseline, forkserver, tmp_path, fault_report):
-    seed = int(os.environ.get("DANCECORE_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+def _kill_then_resume(
+    forkserver,
+    write: Callable[[Path, Path], Path],
+    tmp_path: Path,
+    expected: RunResult,
+    span: float,
+    trials: int,
+    seed: int,
+) -> tuple[int, int, list[str]]:
+    """``trials`` runs of ``write(config path, output dir)``'s config, each SIGKILLed at a random moment
+    before its last step (every third one aimed into a checkpoint save) and resumed; how many ended
+    bit-identical to ``expected``, how many kills landed mid-save, and what failed."""
     rng = random.Random(seed)
     identical, during_save, failures = 0, 0, []
-    for trial in range(TRIALS):
+    for trial in range(trials):
         out = tmp_path / f"trial-{trial:02d}"
-        config = write_config(tmp_path / f"trial-{trial:02d}.yaml", out)
+        config = write(tmp_path / f"trial-{trial:02d}.yaml", out)
         aim_at_save = trial % 3 == 0
         for _attempt in range(6):
             if out.exists():
@@ -112,7 +124,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(baseline, forkse
                 time.sleep(rng.uniform(0.0, 0.08))
             else:
                 _wait_for((out / "metrics.jsonl").exists, child)
-                time.sleep(rng.uniform(0.0, baseline.span * 0.9))
+                time.sleep(rng.uniform(0.0, span * 0.9))
             child.signal(signal.SIGKILL)
             status = child.wait(60)
             if status == -signal.SIGKILL and not (out / "checkpoints" / "iter-00000006").exists():
@@ -125,11 +137,23 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(baseline, forkse
         if resumed.status != 0:
             failures.append(f"trial {trial}: resume exited {resumed.status}: {resumed.output()[-500:]}")
             continue
-        differences = final_result(out).differences(baseline.result)
+        differences = final_result(out).differences(expected)
         if differences:
             failures.append(f"trial {trial}: {differences} differ")
         else:
             identical += 1
+    return identical, during_save, failures
+
+
+def _fault_seed() -> int:
+    return int(os.environ.get("DANCECORE_FAULT_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(baseline, forkserver, tmp_path, fault_report):
+    seed = _fault_seed()
+    identical, during_save, failures = _kill_then_resume(
+        forkserver, write_config, tmp_path, baseline.result, baseline.span, TRIALS, seed
+    )
     fault_report.row(
         f"SIGKILL at a random moment, --resume ({TRIALS} trials)",
         f"{identical}/{TRIALS} bit-identical (SHA-256); {during_save} killed mid-save; seed {seed}",
@@ -137,6 +161,47 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(baseline, forkse
     )
     assert not failures, f"seed {seed}: " + "; ".join(failures)
     assert during_save >= 3, f"only {during_save} kills landed during a save (seed {seed})"
+
+
+def _nft_config(path: Path, output_dir: Path) -> Path:
+    """The trial run trained by DiffusionNFT, whose old policy is the EMA (``rollout: true``) on a
+    ramped decay, updated after each of the 2 updates per iteration: algorithm state that a resume
+    must restore exactly."""
+    data = deep_update(
+        TRIAL_RUN,
+        {
+            "output_dir": str(output_dir),
+            "train": {"samples_per_update": 2, "ema": {"decay": 0.5, "every": 1, "rollout": True, "ramp": 0.1}},
+        },
+    )
+    data.pop("optimizer")
+    data["algorithm"] = {"name": "diffusion-nft", "group_size": 4, "timesteps_per_sample": 2}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_sigkill_then_resume_keeps_diffusion_nfts_old_policy_bit_identical(forkserver, tmp_path, fault_report):
+    out = tmp_path / "baseline"
+    config = _nft_config(tmp_path / "baseline.yaml", out)
+    child = forkserver.spawn("train", str(config))
+    _wait_for(lambda: (out / "metrics.jsonl").exists(), child)
+    first = time.monotonic()
+    _wait_for((out / "checkpoints" / "iter-00000006").exists, child)
+    span = time.monotonic() - first
+    assert child.wait(180) == 0, child.output()
+    expected = final_result(out)
+    assert expected.ema_sha, "the old policy (EMA) must be part of what is compared"
+    trials, seed = 6, _fault_seed()
+    (tmp_path / "kills").mkdir()
+    identical, during_save, failures = _kill_then_resume(
+        forkserver, _nft_config, tmp_path / "kills", expected, span, trials, seed
+    )
+    fault_report.row(
+        f"DiffusionNFT (old policy = ramped EMA): SIGKILL, --resume ({trials} trials)",
+        f"{identical}/{trials} bit-identical incl. the old policy (SHA-256); {during_save} killed mid-save; seed {seed}",
+        identical == trials,
+    )
+    assert not failures, f"seed {seed}: " + "; ".join(failures)
 
 
 MUTANTS = {  # piece not restored -> the word the post-restore verification must name

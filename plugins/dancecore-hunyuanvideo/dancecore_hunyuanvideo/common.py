@@ -92,12 +92,7 @@ class HunyuanVideoOptions(NetworkOptions):
         dancecore.check_one_weights_source(self.pretrained, self.preset)
         for name in ("height", "width"):
             dancecore.check_multiple(name, getattr(self, name), PIXEL_MULTIPLE)
-        if self.num_frames is not None and (self.num_frames - 1) % TEMPORAL_COMPRESSION:
-            lower = self.num_frames - (self.num_frames - 1) % TEMPORAL_COMPRESSION
-            raise ValueError(
-                f"num_frames must be 4k + 1 (the VAE maps F frames to (F - 1) / 4 + 1 latent frames), "
-                f"got {self.num_frames} (try {lower} or {lower + TEMPORAL_COMPRESSION})"
-            )
+        dancecore.check_frame_count("num_frames", self.num_frames, TEMPORAL_COMPRESSION)
         return self
 
 
