@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -170,3 +171,68 @@ def test_global_std_advantages_in_a_run(tiny_run):
         members = groups == g
         expected = (rewards[members] - rewards[members].mean()) / std_all
         assert torch.allclose(advantages[members], expected.float(), atol=1e-5)
+
+
+def test_flow_ode_rollout_schedule_is_second_order_inside_and_never_stochastic():
+    from dancecore.builtins.samplers import FlowODESampler
+
+    sampler = FlowODESampler(FlowODESampler.Config(num_steps=8, shift=3.0))
+    assert sampler.uses_previous_step
+    schedule = sampler.rollout_schedule(5)
+    assert torch.equal(schedule.sigmas, shifted_sigmas(8, 3.0))
+    assert schedule.orders is not None and schedule.orders.tolist() == [1, 1] + [2] * 5 + [1]
+    assert sampler.schedule().orders is None  # evaluation: Euler on the same grid
+    assert not bool(sampler.stochastic_steps(8, 0).any())
+    euler = FlowODESampler(FlowODESampler.Config(num_steps=8, solver="euler"))
+    assert not euler.uses_previous_step and euler.rollout_schedule(0).orders is None
+    # a second-order step is the published 2M update from the previous clean estimate
+    g = torch.Generator().manual_seed(1)
+    x, v, x0_prev = (torch.randn(2, 4, generator=g) for _ in range(3))
+    first = sampler.step(schedule, 1, x, v)
+    assert torch.equal(first.log_prob, torch.zeros(2))
+    sig = schedule.sigmas.tolist()
+    assert torch.allclose(first.next_latents, x - (sig[1] - sig[2]) * v, atol=1e-6)  # first-order: Euler
+    third = sampler.step(schedule, 2, x, v, previous=dataclasses.replace(first, x0_hat=x0_prev))
+    x0 = x - sig[2] * v
+    assert torch.allclose(third.next_latents, flow_dpm2m_step(x, x0, x0_prev, sig[1], sig[2], sig[3]), atol=1e-6)
+    with pytest.raises(ValueError, match="previous step"):
+        sampler.step(schedule, 2, x, v)
+
+
+def test_diffusion_nft_trains_from_deterministic_second_order_rollouts(tmp_path):
+    from dancecore.config.schema import validate
+    from dancecore.training.trainer import Trainer
+    from tests.conftest import TINY_RUN, deep_update
+
+    data = deep_update(TINY_RUN, {"output_dir": str(tmp_path / "nft-ode")})
+    data["sampler"] = {"name": "flow-ode", "num_steps": 6}
+    data.pop("optimizer")
+    data["algorithm"] = {"name": "diffusion-nft", "group_size": 4, "timesteps_per_sample": 2}
+    trainer = Trainer(validate(data))
+    finals: list[torch.Tensor] = []
+    rollout = trainer.rollout
+
+    def recorded(draw, cond, schedule, stochastic, *rest):
+        traj = rollout(draw, cond, schedule, stochastic, *rest)
+        assert not bool(stochastic.any()) and bool((traj.log_probs == 0).all())
+        finals.append(traj.final.clone())
+        return traj
+
+    trainer.rollout = recorded
+    before = {k: v.clone() for k, v in trainer.engine.model_state().items()}
+    assert trainer.train() == "finished"
+    assert any(not torch.equal(before[k], v) for k, v in trainer.engine.model_state().items())
+    group = finals[0][:4].flatten(1)
+    assert torch.cdist(group, group).triu(1)[0, 1:].min() > 0  # own initial noise per sample: distinct samples
+
+
+def test_grpo_refuses_a_sampler_without_stochastic_steps(tiny_run):
+    from dancecore.config.schema import validate
+    from dancecore.errors import TrainingError
+    from dancecore.training.trainer import Trainer
+
+    run = tiny_run("grpo-ode")
+    data = run.config.model_dump(mode="json")  # the tiny GRPO run with the deterministic sampler
+    data["sampler"] = {"name": "flow-ode", "num_steps": 6}
+    with pytest.raises(TrainingError, match="sampler 'flow-ode' takes no stochastic step.*'grpo'"):
+        Trainer(validate(data))

@@ -79,6 +79,8 @@ def _slices(start: int, stop: int, size: int) -> list[slice]:
 class DiffusionNFT:
     """DiffusionNFT's negative-aware flow-matching objective on the rollout's clean samples."""
 
+    uses_log_probs = False  # any sampler, deterministic ones (flow-ode) included
+
     class Config(ComponentConfig):
         """Options of the ``diffusion-nft`` algorithm."""
 

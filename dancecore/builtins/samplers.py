@@ -1,4 +1,6 @@
-"""Built-in samplers: ``flow-sde`` (rectified flow) and ``ddim-sde`` (DDIM with eta)."""
+"""Built-in samplers: ``flow-sde`` and ``flow-cps`` (stochastic rectified flow), ``flow-ode``
+(deterministic rectified flow, for algorithms that need no log-probabilities) and ``ddim-sde``
+(DDIM with eta)."""
 
 from __future__ import annotations
 
@@ -293,6 +295,70 @@ class FlowCPSSampler(_FlowSchedules):
         """One CPS step (the ODE step when ``deterministic``; ``previous`` feeds a second-order one)."""
         eta = 0.0 if deterministic else self.config.eta
         return self._step(eta, schedule, index, latents, model_output, noise, next_latents, previous)
+
+
+class FlowODESampler(_FlowSchedules):
+    """Deterministic rollouts for rectified flow: every step is an ODE step (log-probability 0, none
+    trainable), Euler or DPM-Solver++(2M) (first-order at the first two and the last step). For algorithms
+    that learn from the clean samples alone, such as DiffusionNFT (whose code samples with a
+    second-order solver and no noise); the G samples of a group then differ only by their initial
+    noise, so the algorithm must not share it. Evaluation samples the configured grid with Euler,
+    as for every sampler. GRPO cannot train on it: the trainer refuses the pair."""
+
+    class Config(ComponentConfig):
+        """Options of the ``flow-ode`` sampler."""
+
+        num_steps: int = Field(16, ge=2, description="Number of sampling steps N.")
+        shift: float = Field(3.0, gt=0, description="SD3 time shift k (3 FLUX, 5 HunyuanVideo, 7 SkyReels).")
+        solver: Literal["euler", "dpm++2m"] = Field(
+            "dpm++2m", description="ODE solver of the rollouts: Euler, or DPM-Solver++(2M) (second order)."
+        )
+
+    prediction_type = "flow"
+    config: Config  # type: ignore[assignment]
+
+    def __init__(self, config: Config, context: BuildContext | None = None) -> None:
+        self.config = config
+        self._coefficients = _CoefficientTables(flow_coefficients)
+
+    @property
+    def uses_previous_step(self) -> bool:
+        """Whether rollouts must pass each step the previous step's result (DPM-Solver++(2M))."""
+        return self.config.solver != "euler"
+
+    def schedule(self, num_steps: int | None = None) -> Schedule:
+        """Shifted sigmas; timesteps are the first N sigmas."""
+        sigmas = shifted_sigmas(num_steps or self.config.num_steps, self.config.shift)
+        return Schedule(timesteps=sigmas[:-1].clone(), sigmas=sigmas)
+
+    def rollout_schedule(self, iteration: int) -> Schedule:
+        """The configured grid; with ``dpm++2m`` every step is second-order but the first two (whose previous
+        sigma is 1, where the log-SNR is -inf) and the last (sigma_next = 0)."""
+        base = self.schedule()
+        if self.config.solver == "euler":
+            return base
+        orders = torch.ones(self.config.num_steps, dtype=torch.long)
+        orders[2:-1] = 2  # the 2M step needs the previous sigma below 1 and the next above 0
+        return Schedule(timesteps=base.timesteps, sigmas=base.sigmas, orders=orders)
+
+    def stochastic_steps(self, num_steps: int, iteration: int) -> torch.Tensor:
+        """No step is stochastic."""
+        return torch.zeros(num_steps, dtype=torch.bool)
+
+    def step(
+        self,
+        schedule: Schedule,
+        index: int | torch.Tensor,
+        latents: torch.Tensor,
+        model_output: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        next_latents: torch.Tensor | None = None,
+        deterministic: bool = True,
+        previous: StepResult | None = None,
+    ) -> StepResult:
+        """One ODE step (``deterministic`` is ignored: every step is); ``previous`` feeds a 2M step."""
+        return self._step(0.0, schedule, index, latents, model_output, None, next_latents, previous)
 
 
 class DDIMSDESampler:

@@ -279,6 +279,10 @@ class Algorithm(Protocol):
     metrics for this rank (floats; NaN when it did not train); the core averages them over ranks
     and writes them to metrics.jsonl. ``group_size`` is how many samples share one prompt (and one
     initial noise): the rollout is shaped by it, whatever the algorithm.
+
+    Optional attribute ``uses_log_probs`` (default true): whether it trains on the rollout's
+    stochastic transitions. The core refuses a sampler that takes none (``flow-ode``) for such an
+    algorithm; DiffusionNFT, which learns from the clean samples alone, sets it false.
     """
 
     Config: ClassVar[type[BaseModel]]

@@ -126,6 +126,13 @@ class Trainer:
         self.sampler: Sampler = run.sampler.cls(run.sampler.config, context)
         self.algorithm: Algorithm = build_algorithm(run, context)
         self.group_size: int = self.algorithm.group_size
+        num_steps = sampling.rollout_schedule(self.sampler, 0).num_steps
+        if getattr(self.algorithm, "uses_log_probs", True) and not self.stochastic_mask(num_steps, 0).any():
+            raise TrainingError(
+                f"sampler {run.sampler.name!r} takes no stochastic step, and algorithm {run.algorithm.name!r} "
+                "trains on the rollout's stochastic transitions: use a stochastic sampler (flow-sde, flow-cps) "
+                "or an algorithm that learns from the clean samples (diffusion-nft)"
+            )
         self.rewards = build_rewards(run, context)
         self.evaluation = (
             PeriodicEval(cfg.eval, build_eval_rewards(run, context), self.output_dir) if cfg.eval is not None else None
