@@ -51,18 +51,24 @@ def _metric_lines(output_dir: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-@pytest.fixture(scope="module")
-def baseline(forkserver, tmp_path_factory) -> Baseline:
-    root = tmp_path_factory.mktemp("baseline")
-    out = root / "out"
-    config = write_config(root / "run.yaml", out)
+def _uninterrupted(forkserver, config: Path, out: Path) -> tuple[RunResult, float]:
+    """Run ``config`` to the end: what it leaves and the seconds from its first metrics line to its
+    last checkpoint (the window the kills aim into)."""
     child = forkserver.spawn("train", str(config))
     _wait_for(lambda: (out / "metrics.jsonl").exists(), child)
     first = time.monotonic()
     _wait_for((out / "checkpoints" / "iter-00000006").exists, child)
     span = time.monotonic() - first
     assert child.wait(180) == 0, child.output()
-    return Baseline(config, final_result(out), span)
+    return final_result(out), span
+
+
+@pytest.fixture(scope="module")
+def baseline(forkserver, tmp_path_factory) -> Baseline:
+    root = tmp_path_factory.mktemp("baseline")
+    config = write_config(root / "run.yaml", root / "out")
+    result, span = _uninterrupted(forkserver, config, root / "out")
+    return Baseline(config, result, span)
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +188,7 @@ def _nft_config(path: Path, output_dir: Path) -> Path:
 
 def test_sigkill_then_resume_keeps_diffusion_nfts_old_policy_bit_identical(forkserver, tmp_path, fault_report):
     out = tmp_path / "baseline"
-    config = _nft_config(tmp_path / "baseline.yaml", out)
-    child = forkserver.spawn("train", str(config))
-    _wait_for(lambda: (out / "metrics.jsonl").exists(), child)
-    first = time.monotonic()
-    _wait_for((out / "checkpoints" / "iter-00000006").exists, child)
-    span = time.monotonic() - first
-    assert child.wait(180) == 0, child.output()
-    expected = final_result(out)
+    expected, span = _uninterrupted(forkserver, _nft_config(tmp_path / "baseline.yaml", out), out)
     assert expected.ema_sha, "the old policy (EMA) must be part of what is compared"
     trials, seed = 6, _fault_seed()
     (tmp_path / "kills").mkdir()
