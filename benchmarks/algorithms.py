@@ -1,6 +1,6 @@
 """Every algorithm recipe side by side on the shapes world: held-out score against wall-clock seconds.
 
-    python -m benchmarks.algorithms [--seeds 0 1 2] [--budget 240] [--eval-every 80] [--recipes ...]
+    python -m benchmarks.algorithms [--seeds 0 1 2] [--budget 420] [--eval-every 70] [--workers 2] [--recipes ...]
     make bench-algorithms
 
 Each (recipe, seed) is its own trainer on the pretrained shapes-FLUX, all built in one process and
@@ -487,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    add_arguments(parser, seeds=3, budget=240.0, eval_every=80.0, eval_samples=4, out="algorithms")
+    add_arguments(parser, seeds=3, budget=420.0, eval_every=70.0, eval_samples=4, out="algorithms")
+    parser.set_defaults(deltas=[0.15, 0.1, 0.05])
     args = parser.parse_args(argv)
 
     def build(recipe: str, seed: int, held_out: HeldOut, tmp: Path) -> Run:
